@@ -1,0 +1,491 @@
+"""Every knob of a run: typed dataclass sections, TOML + `--section.key value` overrides, validation.
+
+Precedence: defaults < TOML file (`--config`) < command line. Every problem found is collected
+and raised as one ConfigError (exit code 2) before any model or data is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flame.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with a one-line help shown by --help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "tiny",
+        "preset name (tiny, llama-125m), a path to a transformers config.json, or pkg.module:function",
+    )
+    import_modules: list[str] = _f([], "packages to import before building (e.g. fla, to register its models)")
+    vocab_size: int = _f(0, "vocabulary rows; 0 = take the tokenizer's vocabulary size")
+    resize_vocab: bool = _f(
+        False, "grow the model's embeddings when the tokenizer is larger (else it is an error)"
+    )
+    init_from: str = _f("", "Hugging Face model directory to load weights from (continued pretraining)")
+    flops_per_token: float = _f(0.0, "training FLOPs per token for MFU; 0 = from the model or 6N + attention")
+    overrides: dict = _f({}, "extra fields set on the transformers config, e.g. {hidden_size = 512}")
+
+
+@dataclass
+class DataConfig:
+    inputs: list[str] = _f(
+        [], "files, folders or globs of .txt/.jsonl(.gz/.zst)/.parquet, or hf:NAME / a saved HF dataset"
+    )
+    store: str = _f("", "a tokenized store made by `flame prepare` (memory-mapped; fastest)")
+    mix: str = _f("", "weighted stores, e.g. 'a_store:0.7,b_store:0.3'")
+    tokenizer: str = _f("byte", "'byte' (built in) or a Hugging Face tokenizer directory or tokenizer.json")
+    text_field: str = _f("text", "field holding the text in jsonl/parquet/HF records")
+    context_len: int = _f(256, "tokens per training sequence")
+    batch_size: int = _f(16, "sequences per micro-batch on each rank")
+    seed: int = _f(1234, "seed of the data order (the shuffle)")
+    shuffle: bool = _f(True, "shuffle samples (a stateless global permutation per epoch)")
+    varlen: bool = _f(False, "pass document boundaries (cu_seqlens, position_ids) to the model")
+    streaming: bool = _f(False, "tokenize raw inputs on the fly in loader workers instead of preparing a store")
+    window: int = _f(256, "streaming: samples packed and shuffled together in one window")
+    num_workers: int = _f(0, "loader worker processes per rank (0 = read in the training process)")
+    bad_records: str = _f("skip", "skip (count, warn and summarise) or error on malformed records")
+    max_bad_fraction: float = _f(0.5, "stop when more than this fraction of records is bad")
+    cache_dir: str = _f("", "where raw inputs are prepared into a store; '' = <run_dir>/data")
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = _f("runs/default", "directory for config, metrics, checkpoints")
+    max_steps: int = _f(300, "optimizer steps to train (0 = use max_tokens)")
+    max_tokens: int = _f(0, "stop after this many tokens (when max_steps is 0)")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
+    seed: int = _f(0, "seed of model init and dropout")
+    device: str = _f("auto", "auto, cpu, cuda")
+    dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16")
+    compile: bool = _f(False, "torch.compile the model")
+    activation_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
+    max_bad_steps: int = _f(5, "stop after this many consecutive NaN/Inf steps (each is skipped)")
+    spike_factor: float = _f(0.0, "skip updates whose loss exceeds this multiple of the running mean (0 = off)")
+    preempt_signals: list[str] = _f(["SIGTERM", "SIGUSR1"], "signals that checkpoint and exit cleanly")
+    sample_tokens: int = _f(120, "tokens of text generated at the end of the run (0 = none)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(3e-3, "peak learning rate")
+    min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms and biases)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    warmup_steps: int = _f(30, "linear warmup steps")
+    schedule: str = _f("cosine", "cosine, linear, constant or wsd (warmup-stable-decay)")
+    decay_fraction: float = _f(0.2, "wsd: fraction of steps spent in the final decay")
+    fused: str = _f("auto", "fused AdamW: auto (on CUDA), true, false")
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = _f(100, "save every this many steps (0 = only at the end and on preemption)")
+    keep: int = _f(2, "keep the latest this many checkpoints")
+    load: str = _f("", "resume from this checkpoint directory instead of the run's latest")
+    resume: bool = _f(True, "resume automatically from the run directory's latest checkpoint")
+    allow_config_change: bool = _f(False, "resume even when the data order or model shape would change")
+    checksums: bool = _f(True, "record and verify checksums of checkpoint files")
+
+
+@dataclass
+class LogConfig:
+    interval: int = _f(10, "log every this many steps")
+    console: str = _f("auto", "auto (progress bar on a terminal), plain, or off")
+    tensorboard: bool = _f(False, "write TensorBoard event files to <run_dir>/tb")
+    wandb: str = _f("off", "Weights & Biases: off, online or offline")
+    wandb_project: str = _f("flame", "Weights & Biases project")
+    peak_flops: float = _f(0.0, "peak FLOP/s of one device for MFU; 0 = known GPUs only")
+
+
+@dataclass
+class EvalConfig:
+    interval: int = _f(0, "evaluate every this many steps (0 = off)")
+    batches: int = _f(8, "batches per evaluation")
+    inputs: list[str] = _f([], "held-out raw inputs")
+    store: str = _f("", "held-out tokenized store")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = _f("auto", "auto (none on one process, ddp otherwise), none, ddp, fsdp")
+    backend: str = _f("auto", "auto (nccl on CUDA, gloo on CPU), nccl, gloo")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return to_toml(self.to_dict())
+
+
+CHOICES = {
+    "data.bad_records": ("skip", "error"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.dtype": ("auto", "fp32", "bf16"),
+    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
+    "optim.fused": ("auto", "true", "false"),
+    "log.console": ("auto", "plain", "off", "rich"),
+    "log.wandb": ("off", "online", "offline"),
+    "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+}
+
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "log": LogConfig,
+    "eval": EvalConfig,
+    "parallel": ParallelConfig,
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{k}" for s, cls in _SECTION_TYPES.items() for k in _field_types(cls)]
+
+
+def _suggest(key: str) -> str:
+    keys = all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:  # a known key name under the wrong section, or a typo of the key alone
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+        near = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.7)
+        close = [leaves[near[0]]] if near else []
+    return f" (did you mean {close[0]}?)" if close else " (see `flame train --help` for the keys)"
+
+
+def _convert(key: str, typ: Any, value: Any, from_cli: bool) -> Any:
+    """Convert a TOML or CLI value to the field's type, or raise ValueError with a readable reason."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if from_cli and isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+            except ValueError:
+                raise ValueError(f"expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        raise ValueError(f"expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if from_cli and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return str(value)
+        raise ValueError(f"expected a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if from_cli else [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a list of strings, got {value!r}")
+        return list(value)
+    if typ is dict or origin is dict:
+        if from_cli and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(f"expected a JSON object like '{{\"hidden_size\": 512}}', got {value!r}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a table, got {value!r}")
+        return value
+    raise ValueError(f"unsupported type {typ}")  # our own bug, not the user's
+
+
+def _apply(cfg: Config, items: dict[str, Any], origin: str, from_cli: bool, problems: list[str]) -> None:
+    for key, value in items.items():
+        section, _, name = key.partition(".")
+        cls = _SECTION_TYPES.get(section)
+        if cls is None or name not in _field_types(cls):
+            problems.append(f"unknown key '{key}' in {origin}{_suggest(key)}")
+            continue
+        typ = _field_types(cls)[name]
+        try:
+            setattr(getattr(cfg, section), name, _convert(key, typ, value, from_cli))
+        except ValueError as e:
+            problems.append(f"{key} in {origin}: {e}")
+
+
+def _flatten_toml(data: dict, problems: list[str], origin: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in _SECTION_TYPES:
+            if isinstance(body, dict):
+                problems.append(f"unknown section [{section}] in {origin}{_suggest(section + '.x').replace('.x?', '?')}")
+            else:
+                problems.append(f"key '{section}' in {origin} must be inside a section like [train]{_suggest(section)}")
+            continue
+        if not isinstance(body, dict):
+            problems.append(f"[{section}] in {origin} must be a table")
+            continue
+        for k, v in body.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def parse_cli_overrides(args: list[str], problems: list[str]) -> tuple[str | None, dict[str, Any]]:
+    """Split `--config F --a.b v --c.d=v --flag` into the config path and a {key: value} dict."""
+    config_path = None
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        if not tok.startswith("--"):
+            problems.append(f"unexpected argument '{tok}' (options look like --section.key value)")
+            i += 1
+            continue
+        key, eq, val = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        values: list[str] = [val] if eq else []
+        j = i + 1
+        if not eq:
+            while j < len(args) and not (args[j].startswith("--") and len(args[j]) > 2 and not _is_number(args[j])):
+                values.append(args[j])
+                j += 1
+        i = j
+        if key == "config":
+            if len(values) != 1:
+                problems.append("--config takes one TOML file")
+            else:
+                config_path = values[0]
+            continue
+        typ = _type_of(key)
+        if typ is None:
+            problems.append(f"unknown option '--{key}'{_suggest(key)}")
+            continue
+        if typ is bool and not values:
+            out[key] = "true"
+        elif typing.get_origin(typ) is list:
+            out[key] = ",".join(values)
+        elif len(values) != 1:
+            problems.append(f"--{key} takes one value, got {len(values)}")
+        else:
+            out[key] = values[0]
+    return config_path, out
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _type_of(key: str) -> Any:
+    section, _, name = key.partition(".")
+    cls = _SECTION_TYPES.get(section)
+    if cls is None:
+        return None
+    return _field_types(cls).get(name)
+
+
+def load_config(args: list[str] | None = None, toml_path: str | None = None, overrides: dict | None = None) -> Config:
+    """Build a validated Config from CLI args (and/or an explicit TOML path and override dict)."""
+    problems: list[str] = []
+    cli_path, cli_items = parse_cli_overrides(list(args or []), problems)
+    path = cli_path or toml_path
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            problems.append(f"--config: no such file '{path}'")
+        else:
+            try:
+                data = tomllib.loads(p.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path} is not valid TOML: {e}") from None
+            _apply(cfg, _flatten_toml(data, problems, str(p)), str(p), False, problems)
+    if overrides:
+        _apply(cfg, overrides, "overrides", False, problems)
+    _apply(cfg, cli_items, "the command line", True, problems)
+    if not problems:
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from a saved dict (a checkpoint or config.toml), validating as usual."""
+    problems: list[str] = []
+    cfg = Config()
+    _apply(cfg, _flatten_toml(d, problems, "saved config"), "saved config", False, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every impossible value, each naming its key and the fix."""
+    p: list[str] = []
+    d, t, o, c, lg = cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.log
+    for key, choices in CHOICES.items():
+        s, n = key.split(".")
+        v = getattr(getattr(cfg, s), n)
+        if v not in choices:
+            close = difflib.get_close_matches(str(v), choices, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            p.append(f"{key} = {v!r} is not one of {', '.join(choices)}{hint}")
+
+    def positive(key: str, v: float, zero_ok: bool = False) -> None:
+        if v < 0 or (v == 0 and not zero_ok):
+            p.append(f"{key} = {v} must be {'>= 0' if zero_ok else '> 0'}")
+
+    positive("data.context_len", d.context_len)
+    positive("data.batch_size", d.batch_size)
+    positive("data.window", d.window)
+    positive("data.num_workers", d.num_workers, zero_ok=True)
+    positive("train.grad_accum", t.grad_accum)
+    positive("train.max_steps", t.max_steps, zero_ok=True)
+    positive("train.max_tokens", t.max_tokens, zero_ok=True)
+    positive("train.grad_clip", t.grad_clip, zero_ok=True)
+    positive("train.max_bad_steps", t.max_bad_steps)
+    positive("train.sample_tokens", t.sample_tokens, zero_ok=True)
+    positive("optim.lr", o.lr)
+    positive("optim.weight_decay", o.weight_decay, zero_ok=True)
+    positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
+    positive("optim.eps", o.eps)
+    positive("checkpoint.interval", c.interval, zero_ok=True)
+    positive("checkpoint.keep", c.keep)
+    positive("log.interval", lg.interval)
+    positive("log.peak_flops", lg.peak_flops, zero_ok=True)
+    positive("eval.interval", cfg.eval.interval, zero_ok=True)
+    positive("eval.batches", cfg.eval.batches)
+    positive("model.vocab_size", cfg.model.vocab_size, zero_ok=True)
+    positive("model.flops_per_token", cfg.model.flops_per_token, zero_ok=True)
+    if t.max_steps == 0 and t.max_tokens == 0:
+        p.append("train.max_steps and train.max_tokens are both 0: set one of them (e.g. --train.max_steps 1000)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio = {o.min_lr_ratio} must be between 0 and 1")
+    if not 0 < o.decay_fraction <= 1:
+        p.append(f"optim.decay_fraction = {o.decay_fraction} must be in (0, 1]")
+    for k, b in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0 <= b < 1:
+            p.append(f"{k} = {b} must be in [0, 1)")
+    if not 0 < d.max_bad_fraction <= 1:
+        p.append(f"data.max_bad_fraction = {d.max_bad_fraction} must be in (0, 1]")
+    if t.spike_factor and t.spike_factor <= 1:
+        p.append(f"train.spike_factor = {t.spike_factor} must be > 1 (or 0 to turn the guard off)")
+    sources = sum(bool(x) for x in (d.inputs, d.store, d.mix))
+    if sources > 1:
+        p.append("give only one of data.inputs, data.store and data.mix")
+    if d.streaming and (d.store or d.mix):
+        p.append("data.streaming reads raw data.inputs; it cannot be used with data.store or data.mix")
+    for key, value in (("data.store", d.store), ("eval.store", cfg.eval.store), ("checkpoint.load", c.load)):
+        if value and not Path(value).exists():
+            p.append(f"{key}: no such directory '{value}'")
+    if d.mix:
+        from flame.data.mixture import parse_mix
+
+        try:
+            for path, _w in parse_mix(d.mix):
+                if not Path(path).exists():
+                    p.append(f"data.mix: no such store '{path}'")
+        except ValueError as e:
+            p.append(f"data.mix: {e}")
+    if d.tokenizer != "byte" and not Path(d.tokenizer).exists():
+        p.append(f"data.tokenizer: no such file or directory '{d.tokenizer}' (use 'byte' for the built-in tokenizer)")
+    return p
+
+
+def to_toml(d: dict) -> str:
+    """Write a nested dict of simple values as TOML (sections of scalars, lists and inline tables)."""
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{json.dumps(k)} = {val(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    lines = []
+    for section, body in d.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {val(v)}" for k, v in body.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def help_text() -> str:
+    """Every option with its default and one-line help, grouped by section."""
+    out = []
+    for section, cls in _SECTION_TYPES.items():
+        out.append(f"[{section}]")
+        inst = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(inst, f.name)
+            shown = json.dumps(default) if not isinstance(default, bool) else str(default).lower()
+            out.append(f"  --{section}.{f.name:<24} {f.metadata['help']} (default: {shown})")
+        out.append("")
+    return "\n".join(out)
+
+
+__all__ = ["Config", "load_config", "config_from_dict", "validate", "help_text", "to_toml"]

@@ -1,0 +1,1 @@
+"""The data engine: sources -> tokenizer -> store (prepared) or stream -> loader."""
