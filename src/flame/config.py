@@ -31,7 +31,9 @@ class ModelConfig:
         "tiny",
         "preset name (tiny, llama-125m), a path to a transformers config.json, or pkg.module:function",
     )
-    import_modules: list[str] = _f([], "packages to import before building (e.g. fla, to register its models)")
+    import_modules: list[str] = _f(
+        [], "packages to import before building (e.g. fla, to register its models)"
+    )
     vocab_size: int = _f(0, "vocabulary rows; 0 = take the tokenizer's vocabulary size")
     resize_vocab: bool = _f(
         False, "grow the model's embeddings when the tokenizer is larger (else it is an error)"
@@ -55,7 +57,9 @@ class DataConfig:
     seed: int = _f(1234, "seed of the data order (the shuffle)")
     shuffle: bool = _f(True, "shuffle samples (a stateless global permutation per epoch)")
     varlen: bool = _f(False, "pass document boundaries (cu_seqlens, position_ids) to the model")
-    streaming: bool = _f(False, "tokenize raw inputs on the fly in loader workers instead of preparing a store")
+    streaming: bool = _f(
+        False, "tokenize raw inputs on the fly in loader workers instead of preparing a store"
+    )
     window: int = _f(256, "streaming: samples packed and shuffled together in one window")
     num_workers: int = _f(0, "loader worker processes per rank (0 = read in the training process)")
     bad_records: str = _f("skip", "skip (count, warn and summarise) or error on malformed records")
@@ -75,8 +79,12 @@ class TrainConfig:
     dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16")
     compile: bool = _f(False, "torch.compile the model")
     activation_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
-    max_bad_steps: int = _f(5, "stop after this many consecutive NaN/Inf steps (each is skipped)")
-    spike_factor: float = _f(0.0, "skip updates whose loss exceeds this multiple of the running mean (0 = off)")
+    max_bad_steps: int = _f(
+        5, "stop after this many consecutive NaN/Inf steps, each skipped (0 = no guard, no per-step sync)"
+    )
+    spike_factor: float = _f(
+        0.0, "skip updates whose loss exceeds this multiple of the running mean (0 = off)"
+    )
     preempt_signals: list[str] = _f(["SIGTERM", "SIGUSR1"], "signals that checkpoint and exit cleanly")
     sample_tokens: int = _f(120, "tokens of text generated at the end of the run (0 = none)")
 
@@ -113,6 +121,7 @@ class LogConfig:
     wandb: str = _f("off", "Weights & Biases: off, online or offline")
     wandb_project: str = _f("flame", "Weights & Biases project")
     peak_flops: float = _f(0.0, "peak FLOP/s of one device for MFU; 0 = known GPUs only")
+    batches: bool = _f(False, "record each micro-batch's sample ids and token hash in <run_dir>/batches/")
 
 
 @dataclass
@@ -198,7 +207,11 @@ def _convert(key: str, typ: Any, value: Any, from_cli: bool) -> Any:
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if from_cli and isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+        if (
+            from_cli
+            and isinstance(value, str)
+            and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off")
+        ):
             return value.lower() in ("true", "1", "yes", "on")
         raise ValueError(f"expected true or false, got {value!r}")
     if typ is int:
@@ -246,7 +259,9 @@ def _convert(key: str, typ: Any, value: Any, from_cli: bool) -> Any:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
-                raise ValueError(f"expected a JSON object like '{{\"hidden_size\": 512}}', got {value!r}") from None
+                raise ValueError(
+                    f"expected a JSON object like '{{\"hidden_size\": 512}}', got {value!r}"
+                ) from None
         if not isinstance(value, dict):
             raise ValueError(f"expected a table, got {value!r}")
         return value
@@ -272,9 +287,15 @@ def _flatten_toml(data: dict, problems: list[str], origin: str) -> dict[str, Any
     for section, body in data.items():
         if section not in _SECTION_TYPES:
             if isinstance(body, dict):
-                problems.append(f"unknown section [{section}] in {origin}{_suggest(section + '.x').replace('.x?', '?')}")
+                near = difflib.get_close_matches(section, list(_SECTION_TYPES), n=1, cutoff=0.6)
+                hint = (
+                    f" (did you mean [{near[0]}]?)" if near else f" (sections: {', '.join(_SECTION_TYPES)})"
+                )
+                problems.append(f"unknown section [{section}] in {origin}{hint}")
             else:
-                problems.append(f"key '{section}' in {origin} must be inside a section like [train]{_suggest(section)}")
+                problems.append(
+                    f"key '{section}' in {origin} must be inside a section like [train]{_suggest(section)}"
+                )
             continue
         if not isinstance(body, dict):
             problems.append(f"[{section}] in {origin} must be a table")
@@ -300,7 +321,9 @@ def parse_cli_overrides(args: list[str], problems: list[str]) -> tuple[str | Non
         values: list[str] = [val] if eq else []
         j = i + 1
         if not eq:
-            while j < len(args) and not (args[j].startswith("--") and len(args[j]) > 2 and not _is_number(args[j])):
+            while j < len(args) and not (
+                args[j].startswith("--") and len(args[j]) > 2 and not _is_number(args[j])
+            ):
                 values.append(args[j])
                 j += 1
         i = j
@@ -341,7 +364,9 @@ def _type_of(key: str) -> Any:
     return _field_types(cls).get(name)
 
 
-def load_config(args: list[str] | None = None, toml_path: str | None = None, overrides: dict | None = None) -> Config:
+def load_config(
+    args: list[str] | None = None, toml_path: str | None = None, overrides: dict | None = None
+) -> Config:
     """Build a validated Config from CLI args (and/or an explicit TOML path and override dict)."""
     problems: list[str] = []
     cli_path, cli_items = parse_cli_overrides(list(args or []), problems)
@@ -360,8 +385,7 @@ def load_config(args: list[str] | None = None, toml_path: str | None = None, ove
     if overrides:
         _apply(cfg, overrides, "overrides", False, problems)
     _apply(cfg, cli_items, "the command line", True, problems)
-    if not problems:
-        problems.extend(validate(cfg))
+    problems.extend(validate(cfg))
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -401,7 +425,7 @@ def validate(cfg: Config) -> list[str]:
     positive("train.max_steps", t.max_steps, zero_ok=True)
     positive("train.max_tokens", t.max_tokens, zero_ok=True)
     positive("train.grad_clip", t.grad_clip, zero_ok=True)
-    positive("train.max_bad_steps", t.max_bad_steps)
+    positive("train.max_bad_steps", t.max_bad_steps, zero_ok=True)
     positive("train.sample_tokens", t.sample_tokens, zero_ok=True)
     positive("optim.lr", o.lr)
     positive("optim.weight_decay", o.weight_decay, zero_ok=True)
@@ -416,7 +440,9 @@ def validate(cfg: Config) -> list[str]:
     positive("model.vocab_size", cfg.model.vocab_size, zero_ok=True)
     positive("model.flops_per_token", cfg.model.flops_per_token, zero_ok=True)
     if t.max_steps == 0 and t.max_tokens == 0:
-        p.append("train.max_steps and train.max_tokens are both 0: set one of them (e.g. --train.max_steps 1000)")
+        p.append(
+            "train.max_steps and train.max_tokens are both 0: set one of them (e.g. --train.max_steps 1000)"
+        )
     if not 0 <= o.min_lr_ratio <= 1:
         p.append(f"optim.min_lr_ratio = {o.min_lr_ratio} must be between 0 and 1")
     if not 0 < o.decay_fraction <= 1:
@@ -446,7 +472,9 @@ def validate(cfg: Config) -> list[str]:
         except ValueError as e:
             p.append(f"data.mix: {e}")
     if d.tokenizer != "byte" and not Path(d.tokenizer).exists():
-        p.append(f"data.tokenizer: no such file or directory '{d.tokenizer}' (use 'byte' for the built-in tokenizer)")
+        p.append(
+            f"data.tokenizer: no such file or directory '{d.tokenizer}' (use 'byte' for the built-in tokenizer)"
+        )
     return p
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from flame.cli import main
+
+sys.exit(main())

@@ -1,0 +1,247 @@
+"""Checkpoints: sharded model/optimizer state via torch.distributed.checkpoint, plus the run's state.
+
+A checkpoint is a directory `<run_dir>/checkpoints/step-NNNNNNNN`. It is written under a temporary
+name and renamed into place; the file COMPLETE (sizes and checksums of every file) is written
+last, so a crash during a save never yields a checkpoint that looks usable. Older checkpoints are
+removed only after a newer one is complete. At resume the newest checkpoint that verifies is used;
+a damaged one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from flame.errors import CheckpointError
+
+# DCP works without a process group; its note saying so is noise for single-process runs.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+FORMAT_VERSION = 1
+MARKER = "COMPLETE"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(8 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def step_dir(ckpt_root: Path, step: int) -> Path:
+    return ckpt_root / f"step-{step:08d}"
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [
+        p for p in ckpt_root.glob("step-*") if p.is_dir() and (p / MARKER).is_file() and ".tmp" not in p.name
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """None when the checkpoint at `path` is intact, else what is wrong with it."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "it is incomplete (no COMPLETE marker)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return "its COMPLETE marker is unreadable"
+    for name, meta in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["size"]:
+            return f"{name} has {f.stat().st_size} bytes, expected {meta['size']}"
+        if checksums and meta.get("sha256") and _sha256(f) != meta["sha256"]:
+            return f"{name} fails its checksum"
+    return None
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _broadcast(obj):
+    if dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep: int, checksums: bool = True, log=print):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+        self.checksums = checksums
+        self.log = log
+
+    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
+        """Write a checkpoint of `step` on every rank; returns its directory."""
+        rank, world = _dist()
+        final = step_dir(self.root, step)
+        tmp = _broadcast(
+            final.with_name(final.name + f".tmp{os.getpid()}-{int(time.time())}") if rank == 0 else None
+        )
+        if rank == 0:
+            try:
+                tmp.mkdir(parents=True, exist_ok=False)
+            except OSError as e:
+                raise CheckpointError(f"cannot create checkpoint directory {tmp}: {e}") from None
+        if dist.is_initialized():
+            dist.barrier()
+        try:
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+            torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+            if rank == 0:
+                torch.save(
+                    {**trainer_state, "format": FORMAT_VERSION, "world_size": world}, tmp / "trainer.pt"
+                )
+            if dist.is_initialized():
+                dist.barrier()
+            if rank == 0:
+                self._seal(tmp)
+                if final.exists():  # a half-removed older copy of the same step
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                self._fsync_dir(self.root)
+                self._prune()
+        except OSError as e:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"saving the checkpoint of step {step} failed: {e}",
+                hint="earlier checkpoints are intact; free disk space or fix permissions of the run directory",
+            ) from None
+        if dist.is_initialized():
+            dist.barrier()
+        return final
+
+    def _seal(self, path: Path) -> None:
+        files = {}
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            meta = {"size": f.stat().st_size}
+            if self.checksums:
+                meta["sha256"] = _sha256(f)
+            files[str(f.relative_to(path))] = meta
+        tmp = path / (MARKER + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump({"files": files, "time": time.time()}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path / MARKER)
+
+    @staticmethod
+    def _fsync_dir(path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _prune(self) -> None:
+        done = list_checkpoints(self.root)
+        for old in done[: max(0, len(done) - self.keep)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob("step-*.tmp*"):  # leftovers of saves that crashed
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def find_latest(self) -> Path | None:
+        """The newest checkpoint that verifies (rank 0 decides; every rank gets the answer)."""
+        rank, _ = _dist()
+        choice = None
+        if rank == 0:
+            for path in reversed(list_checkpoints(self.root)):
+                problem = verify(path, self.checksums)
+                if problem is None:
+                    choice = str(path)
+                    break
+                self.log(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one")
+            incomplete = [p for p in self.root.glob("step-*.tmp*")] if self.root.is_dir() else []
+            if incomplete and choice is None and not list_checkpoints(self.root):
+                self.log(f"warning: ignoring {len(incomplete)} incomplete checkpoint(s) in {self.root}")
+        choice = _broadcast(choice)
+        return Path(choice) if choice else None
+
+    def load(self, path: Path, model, optimizer) -> dict:
+        """Restore model, optimizer and RNG in place; returns the trainer state."""
+        rank, _ = _dist()
+        problem = verify(path, self.checksums) if rank == 0 else None
+        problem = _broadcast(problem)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
+        try:
+            trainer_state = torch.load(path / "trainer.pt", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path}: trainer.pt is unreadable: {e}") from None
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        try:
+            dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: {str(e).splitlines()[0][:300]}",
+                hint="resume with the model settings it was saved with, or start a new run directory",
+            ) from None
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        rng = path / f"rng-{rank}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        return trainer_state
+
+
+def full_model_state(model) -> dict:
+    """The unsharded model state dict on CPU (gathered on every rank)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_weights(path: Path, model) -> None:
+    """Load only the model part of a checkpoint (for export, generate, evaluation)."""
+    sd = get_model_state_dict(model)
+    dcp.load({"model": sd}, checkpoint_id=str(path / "state"))
+    model.load_state_dict(sd)

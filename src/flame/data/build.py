@@ -1,0 +1,148 @@
+"""From the data config to a rank's loader: open stores (preparing raw inputs once, cached) or stream."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from flame.config import Config
+from flame.data.store import TokenStore
+from flame.data.tokenizer import Tokenizer, load_tokenizer
+from flame.errors import DataError
+from flame.parallel import World, barrier
+
+DEFAULT_INPUTS = ["stdlib"]  # the running interpreter's standard library: text that needs no download
+
+
+def inputs_of(cfg: Config) -> list[str]:
+    return cfg.data.inputs or ([] if (cfg.data.store or cfg.data.mix) else DEFAULT_INPUTS)
+
+
+def _cache_key(paths: list[str], tok: Tokenizer, text_field: str) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}:{st.st_size}:{int(st.st_mtime)};".encode())
+        except OSError:
+            h.update(f"{p};".encode())  # hf: names and the like
+    h.update(f"{tok.fingerprint}:{text_field}".encode())
+    return h.hexdigest()[:16]
+
+
+def prepared_store(inputs: list[str], cfg: Config, tok: Tokenizer, run_dir: Path, world: World, log) -> Path:
+    """Prepare raw inputs into a store under the cache directory once; later runs reuse it."""
+    from flame.data.prepare import prepare
+    from flame.data.sources import expand_inputs
+
+    paths = expand_inputs(inputs)
+    root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data"
+    out = root / f"store-{_cache_key(paths, tok, cfg.data.text_field)}"
+    if world.is_main and not (out / "manifest.json").is_file():
+        log(f"preparing {len(paths)} input file(s) into {out} (once; later runs reuse it)")
+        prepare(
+            inputs,
+            cfg.data.tokenizer,
+            str(out),
+            workers=min(os.cpu_count() or 1, max(1, len(paths))),
+            text_field=cfg.data.text_field,
+            bad_records=cfg.data.bad_records,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+            progress=False,
+        )
+    barrier(world)
+    return out
+
+
+def open_store(path: str | Path, tok: Tokenizer | None) -> TokenStore:
+    store = TokenStore(path)
+    if tok is not None and store.tokenizer_fingerprint != tok.fingerprint:
+        raise DataError(
+            f"store {path} was prepared with tokenizer {store.manifest['tokenizer'].get('spec')!r} "
+            f"(fingerprint {store.tokenizer_fingerprint[:12]}), but this run uses {tok.spec!r} "
+            f"(fingerprint {tok.fingerprint[:12]})",
+            hint="pass the store's tokenizer with --data.tokenizer, or prepare the store again",
+        )
+    return store
+
+
+def store_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer a store was prepared with (a copy lives inside the store)."""
+    inner = Path(path) / "tokenizer"
+    if inner.is_dir():
+        return load_tokenizer(str(inner))
+    spec = json.loads((Path(path) / "manifest.json").read_text())["tokenizer"].get("spec", "byte")
+    return load_tokenizer(spec)
+
+
+def resolve_tokenizer(cfg: Config) -> Tokenizer:
+    """data.tokenizer, or — when reading stores with the default tokenizer — the stores' own."""
+    first = cfg.data.store or (cfg.data.mix and _mix_paths(cfg)[0])
+    if first and cfg.data.tokenizer == "byte" and Path(first, "manifest.json").is_file():
+        return store_tokenizer(first)
+    return load_tokenizer(cfg.data.tokenizer)
+
+
+def _mix_paths(cfg: Config) -> list[str]:
+    from flame.data.mixture import parse_mix
+
+    return [p for p, _ in parse_mix(cfg.data.mix)]
+
+
+def build_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=print):
+    """The training loader of this rank."""
+    d = cfg.data
+    if d.streaming:
+        from flame.data.stream import StreamingLoader
+
+        return StreamingLoader.from_config(cfg, inputs_of(cfg), tok, world)
+    from flame.data.loader import PreparedLoader
+
+    weights = None
+    if d.mix:
+        from flame.data.mixture import parse_mix
+
+        pairs = parse_mix(d.mix)
+        stores = [open_store(p, tok) for p, _ in pairs]
+        weights = [w for _, w in pairs]
+    elif d.store:
+        stores = [open_store(d.store, tok)]
+    else:
+        stores = [open_store(prepared_store(inputs_of(cfg), cfg, tok, run_dir, world, log), tok)]
+    return PreparedLoader(
+        stores,
+        weights,
+        d.context_len,
+        d.seed,
+        d.shuffle,
+        world.rank,
+        world.world_size,
+        d.batch_size,
+        cfg.train.grad_accum,
+        varlen=d.varlen,
+        num_workers=d.num_workers,
+    )
+
+
+def build_eval_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=print):
+    """Held-out batches in a fixed order (unshuffled), or None when evaluation is off."""
+    e = cfg.eval
+    if not e.interval or not (e.store or e.inputs):
+        return None
+    from flame.data.loader import PreparedLoader
+
+    path = e.store or prepared_store(e.inputs, cfg, tok, run_dir, world, log)
+    return PreparedLoader(
+        [open_store(path, tok)],
+        None,
+        cfg.data.context_len,
+        0,
+        False,
+        world.rank,
+        world.world_size,
+        cfg.data.batch_size,
+        1,
+        varlen=cfg.data.varlen,
+    )

@@ -1,0 +1,71 @@
+"""One writer per run directory, and refusing resumes that would silently change the run."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+from pathlib import Path
+
+from flame.config import Config
+from flame.errors import CheckpointError, FlameError
+
+
+class RunLock:
+    """An flock on <run_dir>/.lock: released by the kernel when the process dies, so a stale
+    lock left by a killed run is simply taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                owner = {}
+            os.close(fd)
+            who = f"process {owner.get('pid', '?')} on {owner.get('host', '?')}"
+            raise FlameError(
+                f"run directory {self.path.parent} is in use by {who}",
+                hint="wait for it to finish, stop it, or choose another --train.run_dir",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _get(d: dict, key: str):
+    section, _, name = key.partition(".")
+    return d.get(section, {}).get(name)
+
+
+def check_resume_compatible(saved: dict, cfg: Config, frozen: tuple[str, ...]) -> list[str]:
+    """Refuse a resume whose settings would change the data order or the model; list harmless changes."""
+    now = cfg.to_dict()
+    changed = [k for k in frozen if saved and _get(saved, k) != _get(now, k)]
+    if changed and not cfg.checkpoint.allow_config_change:
+        lines = [f"{k}: {_get(saved, k)!r} in the checkpoint, {_get(now, k)!r} now" for k in changed]
+        raise CheckpointError(
+            "resuming would change the data order or the model:\n    " + "\n    ".join(lines),
+            hint="resume with the checkpoint's settings, start a new --train.run_dir, "
+            "or pass --checkpoint.allow_config_change true",
+        )
+    notes = [f"warning: resuming with changed {k} (allowed)" for k in changed]
+    for section, body in now.items():
+        for k, v in body.items():
+            key = f"{section}.{k}"
+            if key not in frozen and saved and key != "checkpoint.load" and _get(saved, key) != v:
+                notes.append(f"note: {key} changed since the checkpoint: {_get(saved, key)!r} -> {v!r}")
+    return notes

@@ -1,0 +1,82 @@
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+# A model small enough that a test trains it for a few steps in about a second.
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+}
+
+LOREM = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
+    "of foolishness, it was the epoch of belief, it was the epoch of incredulity. "
+)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A few small text files with distinct documents."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for i in range(6):
+        (d / f"doc{i}.txt").write_text(f"Document {i}. " + LOREM * (3 + i))
+    return d
+
+
+def tiny_overrides(run_dir, inputs, **extra):
+    """Config overrides (TOML-style dict) for a fast CPU test run."""
+    base = {
+        "model.overrides": dict(TINY),
+        "data.inputs": [str(inputs)],
+        "data.context_len": 64,
+        "data.batch_size": 4,
+        "train.run_dir": str(run_dir),
+        "train.max_steps": 8,
+        "train.sample_tokens": 0,
+        "optim.warmup_steps": 2,
+        "log.interval": 1,
+        "log.console": "off",
+        "checkpoint.interval": 0,
+    }
+    base.update(extra)
+    return base
+
+
+def write_config(path, overrides):
+    """Write a TOML config file from a {section.key: value} dict."""
+    from flame.config import to_toml
+
+    nested = {}
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    path.write_text(to_toml(nested))
+    return path
+
+
+def run_torchrun(nproc, args, timeout=300, nnodes=1, extra=()):
+    """`torchrun --standalone --nproc_per_node=N -m flame ARGS` on CPU (gloo); returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        *extra,
+        "-m",
+        "flame",
+        *args,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

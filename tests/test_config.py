@@ -1,0 +1,120 @@
+import subprocess
+import sys
+
+import pytest
+
+from flame.config import Config, config_from_dict, load_config
+from flame.errors import ConfigError
+
+
+def test_defaults_validate():
+    cfg = load_config([])
+    assert cfg.model.name == "tiny" and cfg.data.context_len == 256
+
+
+def test_precedence_cli_over_toml_over_defaults(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text('[optim]\nlr = 1e-4\nwarmup_steps = 7\n[data]\ninputs = ["a.txt", "b.txt"]\n')
+    cfg = load_config(["--config", str(f), "--optim.lr", "5e-4", "--train.compile", "--data.varlen=false"])
+    assert cfg.optim.lr == 5e-4  # CLI wins
+    assert cfg.optim.warmup_steps == 7  # TOML wins over default
+    assert cfg.data.inputs == ["a.txt", "b.txt"]
+    assert cfg.train.compile is True and cfg.data.varlen is False
+    assert cfg.optim.beta2 == Config().optim.beta2
+
+
+def test_list_values_from_cli():
+    cfg = load_config(["--data.inputs", "x.txt", "y/*.jsonl", "--train.max_steps", "5"])
+    assert cfg.data.inputs == ["x.txt", "y/*.jsonl"] and cfg.train.max_steps == 5
+    assert load_config(["--data.inputs", "a,b"]).data.inputs == ["a", "b"]
+
+
+def test_negative_number_value():
+    with pytest.raises(ConfigError, match="optim.lr = -0.001 must be > 0"):
+        load_config(["--optim.lr", "-1e-3"])
+
+
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["--optim.lrr", "1"], "did you mean optim.lr?"),
+        (["--optimm.lr", "1"], "did you mean optim.lr?"),
+        (["--train.max_step", "3"], "did you mean train.max_steps?"),
+        (["--data.context_len", "abc"], "expected an integer"),
+        (["--data.context_len", "0"], "data.context_len = 0 must be > 0"),
+        (["--data.store", "/no/such/store"], "no such directory"),
+        (["--optim.schedule", "cosin"], "did you mean cosine?"),
+        (["--train.compile", "maybe"], "expected true or false"),
+    ],
+)
+def test_cli_mistakes(args, expect):
+    with pytest.raises(ConfigError) as e:
+        load_config(args)
+    assert expect in str(e.value)
+    assert e.value.exit_code == 2
+
+
+def test_toml_mistakes_are_collected(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[optim]\nlr = -1\nwarmup = 3\n[trian]\nmax_steps = 1\n[data]\ncontext_len = 'long'\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(f)])
+    text = str(e.value)
+    assert "did you mean optim.warmup_steps?" in text
+    assert "did you mean [train]?" in text
+    assert "data.context_len" in text and "expected an integer" in text
+    assert "optim.lr = -1.0 must be > 0" in text
+
+
+def test_malformed_toml(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[optim\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(["--config", str(f)])
+
+
+def test_round_trip_through_toml_and_dict(tmp_path):
+    cfg = load_config(
+        ["--optim.lr", "1e-3", "--model.overrides", '{"hidden_size": 64}', "--data.inputs", "a", "b"]
+    )
+    f = tmp_path / "saved.toml"
+    f.write_text(cfg.to_toml())
+    again = load_config(["--config", str(f)])
+    assert again == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def _flame(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "flame", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_cli_typo_exit_code_and_one_line():
+    r = _flame("train", "--optim.lrr", "3e-4")
+    assert r.returncode == 2
+    assert "did you mean optim.lr?" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_toml_typo_exit_code(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_text("[optim]\nlrr = 3e-4\n")
+    r = _flame("train", "--config", str(f))
+    assert r.returncode == 2 and "did you mean optim.lr?" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_lists_every_option_with_default():
+    from flame.config import all_keys
+
+    r = _flame("train", "--help")
+    assert r.returncode == 0
+    for key in all_keys():
+        assert f"--{key}" in r.stdout
+    assert "(default: 256)" in r.stdout
+
+
+def test_unknown_command():
+    r = _flame("trian")
+    assert r.returncode == 2 and "did you mean `flame train`?" in r.stderr

@@ -1,0 +1,201 @@
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from flame.data.prepare import cli, is_val, prepare
+from flame.data.sources import BadRecords, expand_inputs, plan_units, read_unit
+from flame.data.tokenizer import load_tokenizer
+from flame.errors import DataError
+
+UNIT = 2048  # small units, so a tiny corpus still makes many shards
+
+
+def make_corpus(root: Path, n_docs: int = 400) -> list[str]:
+    rng = random.Random(0)
+    words = ["alpha", "beta", "γάμμα", "δ", "東京", "🚀", "x", "def", "return", "\n"]
+
+    def text():
+        return " ".join(rng.choice(words) for _ in range(rng.randrange(1, 60)))
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "big.jsonl").write_text("".join(json.dumps({"text": text()}) + "\n" for _ in range(n_docs)))
+    (root / "b.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps({"text": text()}) + "\n" for _ in range(50)).encode())
+    )
+    for i in range(12):
+        (root / f"t{i:02d}.txt").write_text(text() * 3)
+    return [str(root)]
+
+
+def store_tokens(out: str | Path, manifest: dict) -> np.ndarray:
+    dtype = np.dtype(manifest["dtype"])
+    parts = [np.fromfile(Path(out) / f"{s['name']}.tokens", dtype=dtype) for s in manifest["shards"]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+
+def corpus_docs(inputs: list[str]) -> list:
+    bad = BadRecords()
+    return [d for u in plan_units(expand_inputs(inputs), UNIT) for d in read_unit(u, "text", bad)]
+
+
+def quiet_prepare(inputs, out, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("unit_bytes", UNIT)
+    kw.setdefault("log", lambda m: None)
+    return prepare(inputs, kw.pop("tokenizer", "byte"), str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "data")
+
+
+@pytest.fixture(scope="module")
+def single(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "store"
+    return out, quiet_prepare(corpus, out, workers=1)
+
+
+def test_store_holds_every_document_in_order(corpus, single):
+    out, m = single
+    docs = corpus_docs(corpus)
+    assert m["num_documents"] == len(docs) and len(m["shards"]) > 5
+    toks = store_tokens(out, m)
+    assert len(toks) == m["num_tokens"] == sum(len(d.text.encode()) + 1 for d in docs)
+    assert toks[-1] == 256
+    texts = bytes(toks[toks != 256].astype(np.uint8)).decode()
+    assert texts == "".join(d.text for d in docs)
+    assert m["tokenizer"]["spec"] == "byte" and m["dtype"] == "uint16"
+    assert [s["path"] for s in m["sources"]] == expand_inputs(corpus)
+    # the document index points back at (source, record)
+    first = np.fromfile(out / f"{m['shards'][0]['name']}.docs", dtype=np.uint64).reshape(-1, 3)
+    d0 = docs[0]
+    assert m["sources"][int(first[0, 1])]["path"] == d0.path and int(first[0, 2]) == d0.record
+    # a copy of the tokenizer lives in the store
+    assert load_tokenizer(str(out / "tokenizer")).fingerprint == m["tokenizer"]["fingerprint"]
+
+
+def test_two_workers_equal_one(corpus, single, tmp_path):
+    out1, m1 = single
+    m2 = quiet_prepare(corpus, tmp_path / "s2", workers=2)
+    assert [(s["name"], s["tokens"], s["checksum"]) for s in m2["shards"]] == [
+        (s["name"], s["tokens"], s["checksum"]) for s in m1["shards"]
+    ]
+    assert np.array_equal(store_tokens(tmp_path / "s2", m2), store_tokens(out1, m1))
+
+
+def test_resume_recomputes_only_missing_shards(corpus, single, tmp_path):
+    _, ref = single
+    out = tmp_path / "s"
+    quiet_prepare(corpus, out, workers=1)
+    victim = ref["shards"][2]["name"]
+    (out / f"{victim}.tokens").unlink()
+    (out / "manifest.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("u*.tokens")}
+    logs = []
+    m = quiet_prepare(corpus, out, workers=2, log=logs.append)
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("u*.tokens")}
+    assert {n for n in after if before.get(n) != after[n]} == {f"{victim}.tokens"}
+    assert f"{len(ref['shards']) - 1} shard(s) were already done" in logs[0]
+    assert m["shards"] == ref["shards"]
+
+
+def test_parts_then_finalize_equal_a_single_run(corpus, single, tmp_path, capsys):
+    _, ref = single
+    out = tmp_path / "p"
+    r0 = quiet_prepare(corpus, out, workers=1, part=(0, 2))
+    assert r0["missing"] == [1]
+    assert cli(["--status", str(out)]) == 1
+    assert "missing parts [1]" in capsys.readouterr().out
+    m = quiet_prepare(corpus, out, workers=2, part=(1, 2))
+    assert m["shards"] == ref["shards"] and m["num_tokens"] == ref["num_tokens"]
+    assert cli(["--status", str(out)]) == 0
+    assert "2 of 2 parts complete; finalized" in capsys.readouterr().out
+    with pytest.raises(DataError, match="different num_parts"):
+        quiet_prepare(corpus, out, part=(0, 3))
+
+
+def test_validation_split_is_deterministic(corpus, single, tmp_path):
+    _, ref = single
+    m = quiet_prepare(corpus, tmp_path / "v", workers=2, val_fraction=0.2)
+    val = m["val"]
+    assert 0 < val["num_documents"] < m["num_documents"]
+    assert val["num_documents"] + m["num_documents"] == ref["num_documents"]
+    assert val["num_tokens"] + m["num_tokens"] == ref["num_tokens"]
+    docs = corpus_docs(corpus)
+    assert val["num_documents"] == sum(is_val(d.path, d.record, 0.2) for d in docs)
+    assert (tmp_path / "v" / "val" / "manifest.json").is_file()
+    again = quiet_prepare(corpus, tmp_path / "v2", workers=1, val_fraction=0.2)
+    assert again["val"]["shards"] == val["shards"]
+
+
+def test_bpe_tokenizer_store(corpus, tmp_path):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        [d.text for d in corpus_docs(corpus)[:50]],
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    m = quiet_prepare(corpus, tmp_path / "s", tokenizer=str(tmp_path / "tokenizer.json"), workers=2)
+    eos = tok.token_to_id("<|endoftext|>")
+    want = np.concatenate([tok.encode(d.text).ids + [eos] for d in corpus_docs(corpus)])
+    assert np.array_equal(store_tokens(tmp_path / "s", m), want)
+    assert m["tokenizer"]["eos_id"] == eos and m["tokenizer"]["vocab_size"] == tok.get_vocab_size()
+
+
+def test_bad_records_summarised_or_fatal(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.jsonl").write_text('{"text": "fine"}\n{broken\n{"text": "also fine"}\n')
+    m = quiet_prepare([str(d)], tmp_path / "s", workers=1)
+    assert m["num_documents"] == 2
+    assert "skipped 1 bad records of 3 (1 malformed JSON)" in m["bad_records"][0]
+    assert f"{d}/a.jsonl:2" in m["bad_records"][0]
+    (d / "b.jsonl").write_text('{"text": "more"}\n' * 50)
+    with pytest.raises(DataError, match=r"a\.jsonl:2: malformed JSON") as e:
+        quiet_prepare([str(d)], tmp_path / "e", workers=2, bad_records="error", unit_bytes=10)
+    assert "skip" in e.value.hint  # the hint survives the trip from the worker process
+    (d / "a.jsonl").write_text('{"body": "x"}\n' * 5)
+    (d / "b.jsonl").unlink()
+    with pytest.raises(DataError, match="no usable documents"):
+        quiet_prepare([str(d)], tmp_path / "n", workers=1)
+    assert not (tmp_path / "n" / "manifest.json").exists()
+
+
+def test_refuses_to_mix_settings(corpus, tmp_path):
+    quiet_prepare(corpus, tmp_path / "s", workers=1)
+    with pytest.raises(DataError, match="different tokenizer"):
+        quiet_prepare(corpus, tmp_path / "s", tokenizer=str(_tiny_tokenizer(tmp_path)))
+
+
+def _tiny_tokenizer(tmp_path: Path) -> Path:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(
+        ["a b c"], trainers.BpeTrainer(vocab_size=270, special_tokens=["</s>"], show_progress=False)
+    )
+    tok.save(str(tmp_path / "t.json"))
+    return tmp_path / "t.json"
+
+
+def test_cli(corpus, tmp_path, capsys):
+    out = tmp_path / "c"
+    rc = cli(["--input", *corpus, "--output", str(out), "--workers", "1", "--unit-mb", "0.01", "--no-progress"])
+    assert rc == 0 and (out / "manifest.json").is_file()
+    assert "documents" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli(["--input", *corpus, "--output", str(out), "--part", "2/2"])
+    assert e.value.code == 2
+    with pytest.raises(DataError, match="no such store"):
+        cli(["--status", str(tmp_path / "none")])
+    assert os.path.isdir(out / "units")
