@@ -80,3 +80,16 @@ def run_torchrun(nproc, args, timeout=300, nnodes=1, extra=()):
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def final_weights(run_dir):
+    """The model tensors of a run's latest checkpoint, as a plain dict."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from flame.checkpoint import list_checkpoints
+
+    path = list_checkpoints(run_dir / "checkpoints")[-1]
+    out = run_dir.parent / f"{run_dir.name}-final.pt"
+    dcp_to_torch_save(str(path / "state"), str(out))
+    return torch.load(out, weights_only=False)["model"]

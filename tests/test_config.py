@@ -12,7 +12,10 @@ def test_defaults_validate():
     assert cfg.model.name == "tiny" and cfg.data.context_len == 256
 
 
-def test_precedence_cli_over_toml_over_defaults(tmp_path):
+def test_precedence_cli_over_toml_over_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / name).write_text("x")
     f = tmp_path / "run.toml"
     f.write_text('[optim]\nlr = 1e-4\nwarmup_steps = 7\n[data]\ninputs = ["a.txt", "b.txt"]\n')
     cfg = load_config(["--config", str(f), "--optim.lr", "5e-4", "--train.compile", "--data.varlen=false"])
@@ -23,10 +26,16 @@ def test_precedence_cli_over_toml_over_defaults(tmp_path):
     assert cfg.optim.beta2 == Config().optim.beta2
 
 
-def test_list_values_from_cli():
+def test_list_values_from_cli(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "y").mkdir()
+    for name in ("x.txt", "y/1.jsonl", "a", "b"):
+        (tmp_path / name).write_text("x")
     cfg = load_config(["--data.inputs", "x.txt", "y/*.jsonl", "--train.max_steps", "5"])
     assert cfg.data.inputs == ["x.txt", "y/*.jsonl"] and cfg.train.max_steps == 5
     assert load_config(["--data.inputs", "a,b"]).data.inputs == ["a", "b"]
+    with pytest.raises(ConfigError, match="'nope/\\*.jsonl' matches no file"):
+        load_config(["--data.inputs", "nope/*.jsonl"])
 
 
 def test_negative_number_value():
@@ -73,7 +82,10 @@ def test_malformed_toml(tmp_path):
         load_config(["--config", str(f)])
 
 
-def test_round_trip_through_toml_and_dict(tmp_path):
+def test_round_trip_through_toml_and_dict(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a").write_text("x")
+    (tmp_path / "b").write_text("x")
     cfg = load_config(
         ["--optim.lr", "1e-3", "--model.overrides", '{"hidden_size": 64}', "--data.inputs", "a", "b"]
     )

@@ -10,7 +10,10 @@ def _batches(run_dir, rank):
 def test_ddp_two_processes_disjoint_batches(tmp_path, corpus):
     run = tmp_path / "ddp"
     cfg = write_config(
-        tmp_path / "c.toml", tiny_overrides(run, corpus, **{"train.max_steps": 4, "log.batches": True})
+        tmp_path / "c.toml",
+        tiny_overrides(
+            run, corpus, **{"train.max_steps": 4, "log.batches": True, "parallel.strategy": "ddp"}
+        ),
     )
     r = run_torchrun(2, ["train", "--config", str(cfg)])
     assert r.returncode == 0, r.stderr[-3000:]

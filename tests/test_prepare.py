@@ -121,6 +121,15 @@ def test_parts_then_finalize_equal_a_single_run(corpus, single, tmp_path, capsys
         quiet_prepare(corpus, out, part=(0, 3))
 
 
+def test_a_part_without_work_still_completes(tmp_path):
+    (tmp_path / "a.txt").write_text("one small file: one task")
+    r = quiet_prepare([str(tmp_path / "a.txt")], tmp_path / "s", part=(1, 3))
+    assert r["missing"] == [0, 2] and r["units"] == 0
+    quiet_prepare([str(tmp_path / "a.txt")], tmp_path / "s", part=(2, 3))
+    m = quiet_prepare([str(tmp_path / "a.txt")], tmp_path / "s", part=(0, 3))
+    assert m["num_documents"] == 1 and m["parts"] == 3
+
+
 def test_validation_split_is_deterministic(corpus, single, tmp_path):
     _, ref = single
     m = quiet_prepare(corpus, tmp_path / "v", workers=2, val_fraction=0.2)
@@ -142,7 +151,9 @@ def test_bpe_tokenizer_store(corpus, tmp_path):
     tok.train_from_iterator(
         [d.text for d in corpus_docs(corpus)[:50]],
         trainers.BpeTrainer(
-            vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            vocab_size=400,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
     tok.save(str(tmp_path / "tokenizer.json"))
@@ -190,7 +201,9 @@ def _tiny_tokenizer(tmp_path: Path) -> Path:
 
 def test_cli(corpus, tmp_path, capsys):
     out = tmp_path / "c"
-    rc = cli(["--input", *corpus, "--output", str(out), "--workers", "1", "--unit-mb", "0.01", "--no-progress"])
+    rc = cli(
+        ["--input", *corpus, "--output", str(out), "--workers", "1", "--unit-mb", "0.01", "--no-progress"]
+    )
     assert rc == 0 and (out / "manifest.json").is_file()
     assert "documents" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:

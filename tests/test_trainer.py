@@ -1,7 +1,7 @@
 import json
 
 import torch
-from conftest import tiny_overrides
+from conftest import final_weights, tiny_overrides
 
 from flame.checkpoint import list_checkpoints
 from flame.config import load_config
@@ -11,15 +11,6 @@ from flame.trainer import run_training
 def _losses(run_dir):
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}, recs
-
-
-def _final_state(run_dir):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    path = list_checkpoints(run_dir / "checkpoints")[-1]
-    out = run_dir / "final.pt"
-    dcp_to_torch_save(str(path / "state"), str(out))
-    return torch.load(out, weights_only=False)["model"]
 
 
 def _stop_at(step):
@@ -51,7 +42,7 @@ def test_resume_is_exact(tmp_path, corpus):
     elapsed = [r["elapsed_s"] for r in recs_b]
     assert elapsed == sorted(elapsed)  # elapsed continues across the restart
 
-    wa, wb = _final_state(full), _final_state(part)
+    wa, wb = final_weights(full), final_weights(part)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -114,14 +115,28 @@ def _broadcast(obj):
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep: int, checksums: bool = True, log=print):
+    def __init__(
+        self, run_dir: str | Path, keep: int, checksums: bool = True, log=print, async_save: bool = False
+    ):
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
         self.checksums = checksums
         self.log = log
+        self.async_save = async_save
+        self._pending: dict | None = None  # a background save not yet sealed
+        self._group = None  # gloo groups of their own: the background writer's collectives,
+        self._control = None  # and the main thread's "has every rank finished writing?" votes
 
-    def save(self, step: int, model, optimizer, trainer_state: dict) -> Path:
-        """Write a checkpoint of `step` on every rank; returns its directory."""
+    def save(self, step: int, model, optimizer, trainer_state: dict, background: bool = False) -> Path:
+        """Write a checkpoint of `step` on every rank; returns its directory.
+
+        With `background` (and async_save on) the model and optimizer state are copied to host
+        memory and written by a thread while training goes on; the checkpoint is sealed (COMPLETE
+        marker, renamed into place, older ones pruned) by a later poll(), wait() or save() once
+        every rank's write has finished. Until then it is a temporary directory that a resume
+        ignores, as after a crash mid-save.
+        """
+        self.wait()
         rank, world = _dist()
         final = step_dir(self.root, step)
         tmp = _broadcast(
@@ -136,14 +151,54 @@ class Checkpointer:
             dist.barrier()
         try:
             model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
             torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
             if rank == 0:
                 torch.save(
                     {**trainer_state, "format": FORMAT_VERSION, "world_size": world}, tmp / "trainer.pt"
                 )
-            if dist.is_initialized():
-                dist.barrier()
+            state = {"model": model_sd, "optim": optim_sd}
+            if background and self.async_save:
+                future = dcp.async_save(
+                    state, checkpoint_id=str(tmp / "state"), process_group=self._writer_group()
+                )
+                self._pending = {"future": future, "tmp": tmp, "final": final, "step": step}
+                return final
+            dcp.save(state, checkpoint_id=str(tmp / "state"))
+        except (OSError, CheckpointException) as e:
+            self._failed(step, tmp, e)
+        self._finish(step, tmp, final)
+        return final
+
+    def _writer_group(self):
+        if self._group is None and dist.is_initialized():  # collective: every rank's first background save
+            self._group = dist.new_group(backend="gloo")
+            self._control = dist.new_group(backend="gloo")
+        return self._group
+
+    def _all(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (never on the writer thread's group: its collectives
+        run concurrently with ours)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        if dist.is_initialized():
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self._control)
+        return bool(t.item())
+
+    def _failed(self, step: int, tmp: Path, e: BaseException):
+        if _dist()[0] == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        # DCP wraps the real error; its last line names it
+        raise CheckpointError(
+            f"saving the checkpoint of step {step} failed: {reason}",
+            hint="earlier checkpoints are intact; free disk space or fix permissions of the run directory",
+        ) from None
+
+    def _finish(self, step: int, tmp: Path, final: Path) -> None:
+        """Seal a fully written temporary checkpoint and move it into place (after every rank wrote)."""
+        rank, _ = _dist()
+        if dist.is_initialized():
+            dist.barrier()
+        try:
             if rank == 0:
                 self._seal(tmp)
                 if final.exists():  # a half-removed older copy of the same step
@@ -152,15 +207,40 @@ class Checkpointer:
                 self._fsync_dir(self.root)
                 self._prune()
         except OSError as e:
-            if rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(
-                f"saving the checkpoint of step {step} failed: {e}",
-                hint="earlier checkpoints are intact; free disk space or fix permissions of the run directory",
-            ) from None
+            self._failed(step, tmp, e)
         if dist.is_initialized():
             dist.barrier()
-        return final
+
+    def poll(self) -> Path | None:
+        """Seal a background save if every rank has finished writing it; returns its directory then.
+
+        Cheap when nothing is pending; otherwise one tiny all-reduce (every rank must call it at
+        the same step).
+        """
+        p = self._pending
+        if p is None:
+            return None
+        return self.wait() if self._all(p["future"].done()) else None
+
+    def wait(self) -> Path | None:
+        """Wait for a background save to be written, then seal it; returns its directory (None if none)."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return None
+        try:
+            p["future"].result()
+            ok = 1
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            ok, error = 0, e
+        if not self._all(bool(ok)):  # one rank's failed write fails the checkpoint on every rank
+            self._failed(
+                p["step"], p["tmp"], error if not ok else RuntimeError("another rank's write failed")
+            )
+        self._finish(p["step"], p["tmp"], p["final"])
+        self.log(f"saved checkpoint {p['final']} (written in the background)")
+        return p["final"]
 
     def _seal(self, path: Path) -> None:
         files = {}
@@ -223,9 +303,9 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         try:
             dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             raise CheckpointError(
-                f"checkpoint {path} does not fit this model: {str(e).splitlines()[0][:300]}",
+                f"checkpoint {path} does not fit this model: {str(e).strip().splitlines()[-1][:300]}",
                 hint="resume with the model settings it was saved with, or start a new run directory",
             ) from None
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)

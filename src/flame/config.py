@@ -471,11 +471,26 @@ def validate(cfg: Config) -> list[str]:
                     p.append(f"data.mix: no such store '{path}'")
         except ValueError as e:
             p.append(f"data.mix: {e}")
+    for key, specs in (("data.inputs", d.inputs), ("eval.inputs", cfg.eval.inputs)):
+        for spec in specs:
+            if not _input_exists(spec):
+                p.append(f"{key}: '{spec}' matches no file or directory")
+    if cfg.eval.interval and not (cfg.eval.store or cfg.eval.inputs):
+        p.append("eval.interval is set but there is no held-out data: set eval.store or eval.inputs")
     if d.tokenizer != "byte" and not Path(d.tokenizer).exists():
         p.append(
             f"data.tokenizer: no such file or directory '{d.tokenizer}' (use 'byte' for the built-in tokenizer)"
         )
     return p
+
+
+def _input_exists(spec: str) -> bool:
+    """Cheap existence check of an input spec (the full expansion happens when data is built)."""
+    import glob
+
+    if spec == "stdlib" or spec.startswith("hf:"):
+        return True
+    return Path(spec).exists() or bool(glob.glob(spec, recursive=True))
 
 
 def to_toml(d: dict) -> str:

@@ -18,12 +18,16 @@ import torch
 from flame.config import LogConfig
 
 # Dense bf16 peak FLOP/s of one device, by a substring of torch.cuda.get_device_name().
+# Order matters: the first match wins, so more specific names come first.
 PEAK_FLOPS = {
+    "B200": 2250e12,
     "H200": 989e12,
+    "H100 PCIe": 756e12,
     "H100": 989e12,
     "A100": 312e12,
     "A10G": 125e12,
     "L40S": 362e12,
+    "L40": 181e12,
     "L4": 121e12,
     "4090": 165e12,
     "3090": 71e12,
@@ -51,32 +55,41 @@ def fmt_duration(s: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop records past `last_step` (and any torn last line) so a resumed run continues cleanly."""
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Drop records past `last_step` (and any torn last line) so a resumed run continues cleanly.
+
+    Returns the highest step the file held before (0 if none): what external sinks already saw.
+    """
     if not path.is_file():
-        return
-    keep = []
+        return 0
+    keep, seen = [], 0
     with open(path) as f:
         for line in f:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash mid-write
+            seen = max(seen, int(rec.get("step", 0)))
             if rec.get("step", 0) <= last_step:
                 keep.append(json.dumps(rec) + "\n")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+    return seen
 
 
 class Console:
-    """Plain lines, or a rich progress bar when attached to a terminal."""
+    """Plain lines, or a rich progress bar under them when stdout is a terminal.
 
-    def __init__(self, mode: str, total: int):
+    Both write to stdout, so `auto` asks whether stdout is a terminal: `flame train | tee log`
+    or a batch scheduler's log file gets plain lines, never escape codes or a silent bar.
+    """
+
+    def __init__(self, mode: str, total: int, start: int = 0):
         self.mode = mode
         if mode == "auto":
-            self.mode = "rich" if sys.stderr.isatty() else "plain"
+            self.mode = "rich" if _is_tty(sys.stdout) else "plain"
         self.total = total
         self._progress = None
         if self.mode == "rich":
@@ -89,14 +102,14 @@ class Console:
                 TimeRemainingColumn(),
                 transient=False,
             )
-            self._task = self._progress.add_task("train", total=total, info="")
+            self._task = self._progress.add_task("train", total=total, completed=start, info="")
             self._progress.start()
 
     def print(self, msg: str) -> None:
         if self.mode == "off":
             return
         if self._progress is not None:
-            self._progress.console.print(msg, highlight=False, markup=False)
+            self._progress.console.print(msg, highlight=False, markup=False, soft_wrap=True)
         else:
             print(msg, flush=True)
 
@@ -108,6 +121,8 @@ class Console:
             + f" | {fmt_duration(rec['elapsed_s'])} elapsed | eta {fmt_duration(rec['eta_s'])}"
         )
         if self._progress is not None:
+            # the line stays in the scrollback; the bar below it shows progress and ETA
+            self._progress.console.print(line, highlight=False, markup=False, soft_wrap=True)
             info = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec['tokens_per_s']:,.0f} tok/s"
             self._progress.update(self._task, completed=rec["step"], info=info)
         elif self.mode != "off":
@@ -115,7 +130,15 @@ class Console:
 
     def close(self) -> None:
         if self._progress is not None:
-            self._progress.stop()
+            self._progress.stop()  # restores the cursor, also when training failed
+            self._progress = None
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 class MetricsLogger:
@@ -127,17 +150,17 @@ class MetricsLogger:
         self.cfg = cfg
         self.is_main = is_main
         self.path = run_dir / "metrics.jsonl"
-        self.console = Console(cfg.console if is_main else "off", total_steps)
+        self.console = Console(cfg.console if is_main else "off", total_steps, resume_step)
         self._file = None
         self._sinks: list = []
         if not is_main:
             return
-        truncate_jsonl(self.path, resume_step)
+        logged_before = truncate_jsonl(self.path, resume_step)
         self._file = open(self.path, "a")
         if cfg.tensorboard:
             self._sinks.append(_TensorBoard(run_dir / "tb", resume_step))
         if cfg.wandb != "off":
-            self._sinks.append(_WandB(cfg, run_dir, config, resume_step))
+            self._sinks.append(_WandB(cfg, run_dir, config, resume_step, logged_before, self.console.print))
 
     def info(self, msg: str) -> None:
         if self.is_main:
@@ -159,11 +182,13 @@ class MetricsLogger:
             s.log(rec)
 
     def close(self) -> None:
+        """Idempotent: the trainer calls it at the end and again when it is torn down."""
         self.console.close()
         if self._file:
             self._file.close()
             self._file = None
-        for s in self._sinks:
+        sinks, self._sinks = self._sinks, []
+        for s in sinks:
             s.close()
 
 
@@ -201,8 +226,9 @@ class _TensorBoard:
     def __init__(self, path: Path, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        # purge_step drops events past the checkpoint, so a resumed curve never doubles back
-        self.w = SummaryWriter(str(path), purge_step=resume_step + 1 if resume_step else None)
+        # purge_step makes readers drop earlier files' events from this step on, so a resumed
+        # curve never doubles back -- also when the run restarts from step 0 (no checkpoint yet)
+        self.w = SummaryWriter(str(path), purge_step=resume_step + 1)
 
     def log(self, rec: dict) -> None:
         kind = rec.get("kind", "train")
@@ -216,14 +242,33 @@ class _TensorBoard:
         self.w.close()
 
 
+def _new_run_id() -> str:
+    """A W&B run id (8 lowercase letters and digits), kept in <run_dir>/wandb_id across restarts."""
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 class _WandB:
-    def __init__(self, cfg: LogConfig, run_dir: Path, config: dict, resume_step: int):
+    """W&B keeps a resumed run's history and refuses steps that do not increase, so steps already
+    sent before a crash (`logged_before`) are not sent again; W&B keeps the earlier values of
+    those steps (metrics.jsonl and TensorBoard have the redone ones)."""
+
+    def __init__(
+        self, cfg: LogConfig, run_dir: Path, config: dict, resume_step: int, logged_before: int, say=print
+    ):
         import wandb
 
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else _new_run_id()
         id_file.write_text(run_id)
-        self.resume_step = resume_step
+        self.floor = logged_before
+        if logged_before > resume_step:
+            say(
+                f"note: W&B already has steps {resume_step + 1}-{logged_before} from before the restart "
+                "and keeps those values; metrics.jsonl and TensorBoard get the redone steps"
+            )
         self.run = wandb.init(
             project=cfg.wandb_project,
             id=run_id,
@@ -236,8 +281,7 @@ class _WandB:
     def log(self, rec: dict) -> None:
         kind = rec.get("kind", "train")
         data = {f"{kind}/{k}": rec[k] for k in _SINK_KEYS if isinstance(rec.get(k), (int, float))}
-        # W&B refuses steps that do not increase; re-logged steps after a resume are dropped here
-        if rec["step"] > self.resume_step or kind != "train":
+        if rec["step"] > self.floor:
             self.run.log(data, step=rec["step"])
 
     def close(self) -> None:

@@ -105,7 +105,12 @@ def _from_pretrained(path: str) -> nn.Module:
     if not Path(path).is_dir():
         raise ConfigError(f"model.init_from: no such directory '{path}'")
     try:
-        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, torch_dtype=torch.float32)
+        if torch.get_default_device().type == "meta":  # an FSDP rank that receives rank 0's weights
+            from transformers import AutoConfig
+
+            hf = AutoConfig.from_pretrained(path, local_files_only=True)
+            return AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
     except Exception as e:
         raise ConfigError(f"model.init_from: cannot load a model from {path}: {e}") from None
 

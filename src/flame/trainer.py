@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,7 +21,17 @@ from flame.errors import CheckpointError, ConfigError, FlameError
 from flame.logging import BatchLog, MetricsLogger, device_peak_flops
 from flame.model import build_model, count_params, flops_per_token, forward_loss, forward_params
 from flame.optim import build_optimizer, build_scheduler
-from flame.parallel import World, all_reduce_mean, init_world, strategy_of, unwrap, wrap_model
+from flame.parallel import (
+    World,
+    all_reduce_mean,
+    build_context,
+    clip_grad_norm,
+    init_mode,
+    init_world,
+    strategy_of,
+    unwrap,
+    wrap_model,
+)
 from flame.runguard import RunLock, check_resume_compatible
 
 # Settings that change the data order or the model: a resume with a different value is refused.
@@ -56,6 +67,8 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_signal: str | None = None
         self._signals_seen = 0
+        self._paused = 0.0  # seconds of eval / checkpointing inside the current log window
+        self._step_lr = float("nan")
 
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
@@ -66,7 +79,11 @@ class Trainer:
             self.lock.acquire()
         self._say(f"run directory: {self.run_dir.resolve()}")
         self.checkpointer = Checkpointer(
-            self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.checksums, log=self._say
+            self.run_dir,
+            cfg.checkpoint.keep,
+            cfg.checkpoint.checksums,
+            log=self._say,
+            async_save=getattr(cfg.checkpoint, "async_save", False),
         )
         resume_from = self._resume_path()
         if resume_from is not None:
@@ -74,18 +91,19 @@ class Trainer:
             notes = check_resume_compatible(saved.get("config", {}), cfg, FROZEN_KEYS)
             for n in notes:
                 self._say(n)
+            self._keep_global_batch(saved)
         self.tok = resolve_tokenizer(cfg)
         self.loader = build_loader(cfg, world, self.run_dir, self.tok, log=self._say)
         self.eval_loader = build_eval_loader(cfg, world, self.run_dir, self.tok, log=self._say)
         seed_everything(cfg.train.seed)
-        model = build_model(cfg.model, self.tok.vocab_size, cfg.data.context_len)
+        self.strategy = strategy_of(cfg.parallel, world)
+        mode = init_mode(cfg.parallel)
+        with build_context(self.strategy, world, mode):  # fsdp: the meta device where weights arrive later
+            model = build_model(cfg.model, self.tok.vocab_size, cfg.data.context_len)
         self.n_params = count_params(model)
         self.flops_per_token = flops_per_token(model, cfg.data.context_len, cfg.model.flops_per_token)
         self.accepts = forward_params(model)
-        self.strategy = strategy_of(cfg.parallel, world)
-        self.model = wrap_model(model, self.strategy, world, cfg.train)
-        if cfg.train.compile:
-            self.model = torch.compile(self.model)
+        self.model = wrap_model(model, self.strategy, world, cfg.train, mode)  # also compiles per block
         self.optimizer = build_optimizer(self.model, cfg.optim, world.device)
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
@@ -104,6 +122,41 @@ class Trainer:
     def _say(self, msg: str) -> None:
         if self.world.is_main:
             print(msg, flush=True)
+        elif msg.startswith("warning"):  # another rank's problem must reach the user too
+            print(f"[rank {self.world.rank}] {msg}", file=sys.stderr, flush=True)
+
+    def _keep_global_batch(self, saved: dict) -> None:
+        """On a resume with another world size, set train.grad_accum so the global batch (and with
+        it the sequence of global samples per step) stays the checkpoint's."""
+        old_world = saved.get("world_size")
+        world = self.world.world_size
+        if not old_world or old_world == world:
+            return
+        old_cfg = saved.get("config", {})
+        g = saved.get("data", {}).get("global_batch") or (
+            old_cfg.get("data", {}).get("batch_size", 0)
+            * old_world
+            * old_cfg.get("train", {}).get("grad_accum", 0)
+        )
+        b, t = self.cfg.data.batch_size, self.cfg.train
+        if not g or b * world * t.grad_accum == g:
+            return
+        if g % (b * world):
+            fix = "resume on a number of processes that divides it, or start a new run directory"
+            if g % world == 0:  # the largest micro-batch <= b that splits the per-rank share evenly
+                fit = max(d for d in range(1, b + 1) if (g // world) % d == 0)
+                fix = f"pass --data.batch_size {fit} (a divisor of {g // world}), or " + fix
+            raise ConfigError(
+                f"the checkpoint was taken on {old_world} process(es) with a global batch of {g} samples; "
+                f"on {world} process(es) with data.batch_size {b} no train.grad_accum keeps it "
+                f"({g} is not a multiple of {b} x {world}): {fix}"
+            )
+        accum = g // (b * world)
+        self._say(
+            f"resuming on {world} process(es) instead of {old_world}: train.grad_accum {t.grad_accum} -> "
+            f"{accum} keeps the global batch of {g} samples (data.batch_size {b} x {world} x {accum})"
+        )
+        t.grad_accum = accum
 
     def _resume_path(self) -> Path | None:
         c = self.cfg.checkpoint
@@ -133,7 +186,9 @@ class Trainer:
         self.loader.load_state_dict(state["data"], allow_change=self.cfg.checkpoint.allow_config_change)
         self._say(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens seen)")
 
-    def save(self) -> Path:
+    def save(self, background: bool = False) -> Path:
+        """Checkpoint now; `background` (interval saves, with checkpoint.async_save) writes in a thread."""
+        t0 = time.perf_counter()
         state = {
             "step": self.step,
             "tokens": self.tokens,
@@ -143,8 +198,10 @@ class Trainer:
             "data": self.loader.state_dict(),
             "config": self.cfg.to_dict(),
         }
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
-        self._say(f"saved checkpoint {path}")
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state, background=background)
+        pending = background and self.checkpointer.async_save
+        self._say(f"saving checkpoint {path} in the background" if pending else f"saved checkpoint {path}")
+        self._paused += time.perf_counter() - t0
         return path
 
     def elapsed_now(self) -> float:
@@ -192,6 +249,7 @@ class Trainer:
         win_loss = torch.zeros((), device=world.device)
         win_steps, win_wait, win_t0 = 0, 0.0, time.perf_counter()
         seg_tokens0, seg_t0 = self.tokens, time.perf_counter()
+        self._win_tokens0, self._paused = self.tokens, 0.0
         consecutive_bad, spike_mean = 0, None
         last_loss = float("nan")
         self.model.train()
@@ -232,6 +290,7 @@ class Trainer:
                     f"{consecutive_bad} bad step(s) in a row"
                 )
             self.optimizer.zero_grad(set_to_none=True)
+            self._step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
             self.scheduler.step()
             self.step += 1
             self.tokens += tokens_per_step
@@ -262,7 +321,8 @@ class Trainer:
                 and self.step % cfg.checkpoint.interval == 0
                 and self.step < self.total_steps
             ):
-                self.save()
+                self.save(background=True)
+            self.checkpointer.poll()  # seals a background save once every rank has written it
         if stopped == "done":
             if self.eval_loader is not None and self.step % cfg.eval.interval != 0:
                 self.evaluate()
@@ -274,10 +334,7 @@ class Trainer:
 
     def _clip(self) -> torch.Tensor:
         clip = self.cfg.train.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if clip:
-            return torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-        return torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        return clip_grad_norm(self.model.parameters(), clip)  # a plain tensor under FSDP too
 
     def _step_ok(self, loss: torch.Tensor, gnorm: torch.Tensor, spike_mean: float | None) -> bool:
         bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))
@@ -294,8 +351,12 @@ class Trainer:
         loss = all_reduce_mean(loss.detach().clone().float(), world)
         loss_v, gnorm_v = float(loss), float(gnorm)
         now = time.perf_counter()
+        # throughput of this log window, without time spent on evaluation and checkpoints; the
+        # ETA uses this process's average, which includes them
+        win_s = max(now - t0 - self._paused, 1e-9)
+        tps = (self.tokens - self._win_tokens0) / win_s
+        self._win_tokens0, self._paused = self.tokens, 0.0
         seg_s = max(now - seg_t0, 1e-9)
-        tps = (self.tokens - seg_tokens0) / seg_s  # the new segment only: a resume does not inflate it
         elapsed = self.elapsed_now()
         seg_steps = (self.tokens - seg_tokens0) // (self.loader.global_batch * self.cfg.data.context_len)
         remaining = (self.total_steps - self.step) * seg_s / max(1, seg_steps)
@@ -307,21 +368,22 @@ class Trainer:
         else:
             import resource
 
-            mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+            mem = rss / (2**30 if sys.platform == "darwin" else 2**20)
         rec = {
             "kind": "train",
             "step": self.step,
             "total_steps": self.total_steps,
             "epoch": round(self.loader.epoch(), 6),
             "loss": loss_v,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self._step_lr,
             "grad_norm": gnorm_v,
             "tokens": self.tokens,
             "tokens_per_s": tps,
             "tokens_per_s_per_device": tps / world.world_size,
             "mfu": mfu,
             "memory_gib": round(mem, 4),
-            "data_wait": wait / max(now - t0, 1e-9),
+            "data_wait": wait / win_s,
             "elapsed_s": elapsed,
             "eta_s": remaining,
             "percent": 100.0 * self.step / self.total_steps,
@@ -332,6 +394,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        t0 = time.perf_counter()
         self.model.eval()
         self.eval_loader.micro = 0
         it = iter(self.eval_loader)
@@ -346,9 +409,13 @@ class Trainer:
         self.logger.log(
             {"kind": "eval", "step": self.step, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
         )
+        self._paused += time.perf_counter() - t0
         return loss
 
     def close(self) -> None:
+        logger = getattr(self, "logger", None)
+        if logger is not None:  # after an error too: stops a live progress bar, closes sinks
+            logger.close()
         if self.world.is_main and getattr(self, "lock", None):
             self.lock.release()
 

@@ -19,6 +19,8 @@ import queue
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,7 +88,9 @@ def _done_record(output: str, index: int, itemsize: int) -> dict | None:
         rec = json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-    ok = _shard_ok(Path(output), rec["train"], itemsize) and _shard_ok(Path(output) / "val", rec["val"], itemsize)
+    ok = _shard_ok(Path(output), rec["train"], itemsize) and _shard_ok(
+        Path(output) / "val", rec["val"], itemsize
+    )
     return rec if ok else None
 
 
@@ -230,9 +234,7 @@ class _Progress:
         self.nbytes += nbytes
         if self.bar is not None:
             dt = max(time.monotonic() - self.t0, 1e-9)
-            rates = (
-                f"{self.docs / dt:,.0f} docs/s  {self.nbytes / dt / 1e6:,.1f} MB/s  {_si(self.tokens / dt)} tok/s"
-            )
+            rates = f"{self.docs / dt:,.0f} docs/s  {self.nbytes / dt / 1e6:,.1f} MB/s  {_si(self.tokens / dt)} tok/s"
             self.bar.update(self.task, completed=self.nbytes, rates=rates)
 
     def close(self) -> float:
@@ -291,7 +293,11 @@ def prepare(
     log=None,
 ) -> dict:
     """Tokenize `inputs` into the store `output` (part I of N); returns the manifest once every part is
-    complete (with a "val" entry when val_fraction > 0), else this part's info and the missing parts."""
+    complete (with a "val" entry when val_fraction > 0), else this part's info and the missing parts.
+
+    workers > 1 starts worker processes (forkserver/spawn): a script calling this needs the usual
+    `if __name__ == "__main__":` guard. Re-running with the same arguments resumes.
+    """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     i_part, n_parts = part
     if not (n_parts >= 1 and 0 <= i_part < n_parts):
@@ -388,23 +394,26 @@ def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, prog
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     progress_q = ctx.Queue()
     done: queue.SimpleQueue = queue.SimpleQueue()
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(job, progress_q)) as pool:
+    # an executor, not mp.Pool: a worker that dies (OOM kill) fails the run instead of hanging it
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job, progress_q))
+    try:
         for i, t in todo:
-            pool.apply_async(_run_in_worker, (i, t), callback=done.put, error_callback=done.put)
+            pool.submit(_run_in_worker, i, t).add_done_callback(done.put)
         left = len(todo)
         while left:
             try:
                 progress(*progress_q.get(timeout=0.1))
             except queue.Empty:
                 pass
-            while True:
+            while not done.empty():
                 try:
-                    res = done.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(res, BaseException):
-                    raise res
-                i, rec, err = res
+                    i, rec, err = done.get().result()
+                except BrokenProcessPool:
+                    raise DataError(
+                        "a prepare worker process died (killed, or out of memory?)",
+                        hint="re-run the same command to resume; finished shards are kept. "
+                        "Fewer --workers use less memory",
+                    ) from None
                 if err is not None:
                     raise DataError(err[0], hint=err[1])
                 left -= 1
@@ -414,9 +423,16 @@ def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, prog
                 progress(*progress_q.get(timeout=0.05))
             except queue.Empty:
                 break
+    finally:
+        # on an error, stop now rather than after the tasks in flight (their shards are not marked done)
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _part_info(tok: Tokenizer, paths: list[str], dtype: np.dtype, shards: list[dict], bad: BadRecords) -> dict:
+def _part_info(
+    tok: Tokenizer, paths: list[str], dtype: np.dtype, shards: list[dict], bad: BadRecords
+) -> dict:
     sources = []
     for p in paths:
         st = os.stat(p) if os.path.exists(p) else None
@@ -436,7 +452,9 @@ def _part_info(tok: Tokenizer, paths: list[str], dtype: np.dtype, shards: list[d
     }
 
 
-def _finish(out: Path, tok, paths, dtype, records: dict, bad: BadRecords, part, val_fraction, max_bad, log) -> dict:
+def _finish(
+    out: Path, tok, paths, dtype, records: dict, bad: BadRecords, part, val_fraction, max_bad, log
+) -> dict:
     i_part, n_parts = part
     order = sorted(records)
     dirs = {"train": out, "val": out / "val"} if val_fraction > 0 else {"train": out}
@@ -485,18 +503,30 @@ def _parser() -> argparse.ArgumentParser:
         description="Tokenize a corpus once into a store that training memory-maps. Re-running the same "
         "command resumes; --part I/N splits the work across machines (the last part finalizes).",
     )
-    p.add_argument("--input", nargs="+", metavar="SPEC", help="files, folders, globs, hf:NAME[:SPLIT], or stdlib")
+    p.add_argument(
+        "--input", nargs="+", metavar="SPEC", help="files, folders, globs, hf:NAME[:SPLIT], or stdlib"
+    )
     p.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer directory / tokenizer.json")
     p.add_argument("--output", help="store directory to write")
     p.add_argument("--workers", type=int, default=0, help="worker processes (0 = all cores)")
     p.add_argument("--part", type=_parse_part, default=(0, 1), metavar="I/N", help="prepare only part I of N")
     p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/HF records")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents routed to <output>/val")
-    p.add_argument("--bad-records", choices=("skip", "error"), default="skip", help="skip (count, warn) or error")
-    p.add_argument("--max-bad-fraction", type=float, default=0.5, help="stop when more records than this are bad")
-    p.add_argument("--unit-mb", type=float, default=64, help="split big uncompressed files into ~this many MB")
+    p.add_argument(
+        "--val-fraction", type=float, default=0.0, help="fraction of documents routed to <output>/val"
+    )
+    p.add_argument(
+        "--bad-records", choices=("skip", "error"), default="skip", help="skip (count, warn) or error"
+    )
+    p.add_argument(
+        "--max-bad-fraction", type=float, default=0.5, help="stop when more records than this are bad"
+    )
+    p.add_argument(
+        "--unit-mb", type=float, default=64, help="split big uncompressed files into ~this many MB"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, only a summary line")
-    p.add_argument("--status", metavar="STORE", help="show which parts of STORE are complete; exit 1 if not all")
+    p.add_argument(
+        "--status", metavar="STORE", help="show which parts of STORE are complete; exit 1 if not all"
+    )
     return p
 
 

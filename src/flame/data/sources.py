@@ -391,15 +391,51 @@ class Doc:
         return self.offset if self.offset >= 0 else self.record
 
 
+class _ZstdReader(io.RawIOBase):
+    """Concatenated zstd frames as one raw stream; a file cut mid-frame raises EOFError, as gzip does
+    (zstandard's stream_reader would end quietly and lose the tail)."""
+
+    def __init__(self, path: str):
+        import zstandard
+
+        self._dctx = zstandard.ZstdDecompressor()
+        self._f = open(path, "rb")
+        self._obj = None
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos >= len(self._out):
+            pending = b""
+            if self._obj is not None and self._obj.eof:
+                pending, self._obj = self._obj.unused_data, None
+            if not pending:
+                pending = self._f.read(1 << 17)  # small input steps bound the output of one call
+                if not pending:
+                    if self._obj is not None:
+                        raise EOFError("zstd stream ends mid-frame (truncated file?)")
+                    return 0
+            if self._obj is None:
+                self._obj = self._dctx.decompressobj()
+            self._out, self._pos = self._obj.decompress(pending), 0
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
 def _open_binary(path: str):
     comp = _compression(path)
     if comp == "gz":
         return gzip.open(path, "rb")
     if comp == "zst":
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
-        return io.BufferedReader(raw, BLOCK)
+        return io.BufferedReader(_ZstdReader(path), BLOCK)
     return open(path, "rb", buffering=BLOCK)
 
 
@@ -443,7 +479,9 @@ def read_unit(unit: Unit, text_field: str, bad: BadRecords, start_offset: int | 
             raise ValueError(f"unknown unit kind {unit.kind!r}")
     except (OSError, EOFError) as e:
         # truncated gzip/zstd streams, vanished or unreadable files
-        raise DataError(f"{unit.path}: cannot read: {e}", hint="check the file is complete and readable") from None
+        raise DataError(
+            f"{unit.path}: cannot read: {e}", hint="check the file is complete and readable"
+        ) from None
     except Exception as e:
         if type(e).__module__.startswith("zstandard"):
             raise DataError(f"{unit.path}: corrupt zstd stream: {e}") from None
@@ -586,7 +624,9 @@ def _read_parquet(unit: Unit, field: str, bad: BadRecords, start_offset: int | N
     typ = schema.field(field).type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)):
         if not (pa.types.is_large_binary(typ) or str(typ) in ("string_view", "binary_view")):
-            raise DataError(f"{unit.path}: column '{field}' holds {typ}, not text", hint="choose a string column")
+            raise DataError(
+                f"{unit.path}: column '{field}' holds {typ}, not text", hint="choose a string column"
+            )
     row = unit.record
     skip = (start_offset or 0) - row
     for batch in pf.iter_batches(batch_size=1024, row_groups=range(unit.start, unit.stop), columns=[field]):

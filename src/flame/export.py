@@ -1,0 +1,176 @@
+"""`flame export RUN_DIR [--step N] --out DIR [--dtype fp32|bf16]`: a checkpoint as a Hugging Face model.
+
+The directory holds config.json, generation_config.json, model.safetensors and the run's
+tokenizer, so `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`
+load it (offline), and `flame train --model.init_from DIR` continues pretraining from it.
+A custom (`pkg.module:function`) model has no transformers config: its weights are written as
+model.safetensors and the command says so with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flame.checkpoint import MARKER, list_checkpoints, load_model_weights, step_dir, verify
+from flame.config import Config, config_from_dict
+from flame.errors import CheckpointError, FlameError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint to export: RUN_DIR's newest (or its step N), or RUN_DIR itself when it is one."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no such run directory '{run_dir}'")
+    if (run_dir / MARKER).is_file() and (run_dir / "trainer.pt").is_file():  # a checkpoint directory
+        if step is not None:
+            raise CheckpointError(f"{run_dir} is a checkpoint directory; --step applies to a run directory")
+        return run_dir
+    root = run_dir / "checkpoints"
+    done = list_checkpoints(root)
+    if not done:
+        raise CheckpointError(
+            f"{run_dir} has no complete checkpoint (looked in {root})",
+            hint="train first (a run saves at the end and every --checkpoint.interval steps), "
+            "or give the run directory of a run that saved one",
+        )
+    if step is None:
+        return done[-1]
+    path = step_dir(root, step)
+    if path not in done:
+        have = ", ".join(str(int(p.name.split("-")[1])) for p in done)
+        raise CheckpointError(f"{run_dir} has no complete checkpoint of step {step} (it has steps {have})")
+    return path
+
+
+def _saved_config(ckpt: Path) -> tuple[Config, dict]:
+    try:
+        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt}: trainer.pt is unreadable: {e}") from None
+    return config_from_dict(state.get("config", {})), state
+
+
+def _tokenizer(cfg: Config, run_dir: Path):
+    """The run's tokenizer: its data.tokenizer, or the copy a store keeps in <store>/tokenizer/."""
+    from flame.data.build import resolve_tokenizer
+    from flame.data.tokenizer import load_tokenizer
+
+    try:
+        return resolve_tokenizer(cfg)
+    except FlameError as first:
+        for copy in sorted(run_dir.glob("data/*/tokenizer")) + sorted(run_dir.glob("../data/*/tokenizer")):
+            if copy.is_dir():
+                return load_tokenizer(str(copy))
+        raise FlameError(
+            f"cannot load the run's tokenizer: {first.message}",
+            hint="export from the directory the run was started in (paths in its config are relative to it)",
+        ) from None
+
+
+def build_for_export(cfg: Config, vocab: int) -> nn.Module:
+    """The run's model on the CPU (weights to be loaded): what the trainer built, without init_from."""
+    from flame.model import build_model
+
+    m = cfg.model
+    if m.init_from:  # the architecture is the init_from directory's config.json
+        if not Path(m.init_from).is_dir():
+            raise CheckpointError(
+                f"the run started from model.init_from = '{m.init_from}', which no longer exists: "
+                "its config.json gives the model's architecture",
+                hint="restore that directory (only its config.json is read), or export from where the run started",
+            )
+        m.name, m.init_from = m.init_from, ""
+    return build_model(m, vocab, cfg.data.context_len)
+
+
+def export(
+    run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32", force: bool = False
+) -> Path:
+    """Write the checkpoint of `run_dir` (newest, or `step`) as a Hugging Face model directory."""
+    if dtype not in DTYPES:
+        raise FlameError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FlameError(f"--out {out} exists and is not empty", hint="choose another --out, or pass --force")
+    ckpt = find_checkpoint(run_dir, step)
+    problem = verify(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt} cannot be exported: {problem}")
+    cfg, state = _saved_config(ckpt)
+    run = ckpt.parent.parent
+    tok = _tokenizer(cfg, run)
+    torch.manual_seed(0)
+    model = build_for_export(cfg, tok.vocab_size)
+    try:
+        load_model_weights(ckpt, model)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(
+            f"checkpoint {ckpt} does not fit the model its config describes: {str(e).strip().splitlines()[-1][:300]}"
+        ) from None
+    model = model.to(DTYPES[dtype]).eval()
+    tmp = out.with_name(out.name + ".tmp-export")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    from transformers import PreTrainedModel
+
+    tok.save_pretrained(str(tmp))
+    if not isinstance(model, PreTrainedModel):
+        from safetensors.torch import save_model
+
+        save_model(model, str(tmp / "model.safetensors"))
+        _replace(tmp, out)
+        raise FlameError(
+            f"{cfg.model.name} is a custom model, not a transformers one: no config.json can be written, "
+            f"so {out} is not a Hugging Face model directory. Its weights (step {state.get('step')}) are in "
+            f"{out / 'model.safetensors'} and the tokenizer next to them",
+            hint="load them with safetensors.torch.load_model(your_model, path), or train a transformers "
+            "config (--model.name path/to/config.json) to export a directory from_pretrained loads",
+        )
+    eos = tok.eos_id
+    model.config.eos_token_id = eos
+    model.config.bos_token_id = eos  # documents are joined with EOS: it is what precedes a document
+    model.config.pad_token_id = None
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    _replace(tmp, out)
+    return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="flame export",
+        description="Write a checkpoint of a run as a Hugging Face model directory "
+        "(config.json, model.safetensors, generation_config.json, tokenizer).",
+    )
+    p.add_argument("run_dir", help="a run directory (its newest checkpoint) or a checkpoint directory")
+    p.add_argument("--out", required=True, help="the directory to write")
+    p.add_argument("--step", type=int, default=None, help="export the checkpoint of this step")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights' dtype (default fp32)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    a = p.parse_args(argv)
+    out = export(a.run_dir, a.out, a.step, a.dtype, a.force)
+    print(f"exported {a.run_dir} to {out} ({a.dtype})")
+    print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    print(f"continue pretraining from it: flame train --model.init_from {out} ...")
+    return 0
+
+
+__all__ = ["export", "find_checkpoint", "cli"]

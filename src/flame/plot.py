@@ -1,0 +1,195 @@
+"""`flame plot RUN_DIR... -o out.png`: curves of one or more runs' metrics.jsonl, overlaid.
+
+One panel per metric (train loss with eval loss when the run evaluated, learning rate,
+tokens/s by default); every run is one colour, labelled with its run directory's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from flame.errors import FlameError
+
+DEFAULT_METRICS = ("loss", "lr", "tokens_per_s")
+TITLES = {
+    "loss": "loss",
+    "lr": "learning rate",
+    "tokens_per_s": "tokens / s",
+    "tokens_per_s_per_device": "tokens / s / device",
+    "grad_norm": "gradient norm",
+    "mfu": "MFU",
+    "memory_gib": "peak memory (GiB)",
+    "data_wait": "fraction of time waiting for data",
+    "perplexity": "eval perplexity",
+}
+X_LABELS = {"step": "step", "tokens": "tokens seen"}
+
+
+def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) of a run, each sorted by step, one per step (the last written)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).is_dir():
+        raise FlameError(f"no such run directory: {run_dir}")
+    if not path.is_file():
+        raise FlameError(
+            f"{run_dir} has no metrics.jsonl",
+            hint="give the run directory of a `flame train` run (its --train.run_dir) that logged a step",
+        )
+    by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash mid-write
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                by_kind.setdefault(rec.get("kind", "train"), {})[rec["step"]] = rec
+    train = [by_kind["train"][s] for s in sorted(by_kind["train"])]
+    evals = [by_kind["eval"][s] for s in sorted(by_kind["eval"])]
+    if not train and not evals:
+        raise FlameError(f"{path} holds no records yet", hint="plot again once the run has logged a step")
+    return train, evals
+
+
+def run_labels(run_dirs: list[str]) -> list[str]:
+    """The run directories' names; the shortest distinguishing path suffix when names repeat."""
+    parts = [Path(d).resolve().parts for d in run_dirs]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(d) for d in run_dirs]
+
+
+def _x(recs: list[dict], x: str, train: list[dict]) -> np.ndarray:
+    steps = np.array([r["step"] for r in recs], dtype=np.float64)
+    if x == "step":
+        return steps
+    if all(isinstance(r.get("tokens"), (int, float)) for r in recs):
+        return np.array([r["tokens"] for r in recs], dtype=np.float64)
+    # eval records carry no token count: read it off the train records' step -> tokens line
+    ts = np.array([r["step"] for r in train], dtype=np.float64)
+    tk = np.array([r["tokens"] for r in train], dtype=np.float64)
+    return np.interp(steps, ts, tk)
+
+
+def _series(recs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the records holding a number under `key`, and those numbers."""
+    idx = [i for i, r in enumerate(recs) if isinstance(r.get(key), (int, float)) and r[key] is not None]
+    return np.array(idx, dtype=np.int64), np.array([recs[i][key] for i in idx], dtype=np.float64)
+
+
+def plot_runs(
+    run_dirs: list[str],
+    out: str | Path,
+    x: str = "step",
+    metrics: list[str] | tuple[str, ...] = DEFAULT_METRICS,
+    size: tuple[int, int] = (1200, 0),
+    dpi: int = 100,
+) -> Path:
+    """Write a PNG of `metrics` against `x` for every run; returns its path.
+
+    `size` is (width, height) in pixels; height 0 means 350 pixels per panel.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    if x not in X_LABELS:
+        raise FlameError(f"--x {x!r}: choose step or tokens")
+    if not metrics:
+        raise FlameError("--metrics is empty: name at least one, e.g. --metrics loss,lr")
+    runs = [read_metrics(d) for d in run_dirs]
+    available = set()
+    for train, evals in runs:
+        for r in train:
+            available.update(
+                k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
+        if evals:
+            available.update(("loss", "perplexity"))
+    missing = [m for m in metrics if m not in available]
+    if missing:
+        shown = ", ".join(sorted(available - {"step", "time", "total_steps"}))
+        hint = f"available: {shown}"
+        if "mfu" in missing:
+            hint += "; mfu is null when the device's peak FLOP/s is unknown (set --log.peak_flops)"
+        raise FlameError(f"metric(s) {', '.join(missing)} appear in none of the runs", hint=hint)
+    if x == "tokens" and any(train and "tokens" not in train[0] for train, _ in runs):
+        raise FlameError("--x tokens: a run's metrics.jsonl has no 'tokens' field; use --x step")
+
+    width, height = size
+    height = height or 350 * len(metrics)
+    fig, axes = plt.subplots(
+        len(metrics), 1, figsize=(width / dpi, height / dpi), dpi=dpi, sharex=True, squeeze=False
+    )
+    labels = run_labels(run_dirs)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, key in zip(axes[:, 0], metrics):
+        for i, ((train, evals), label) in enumerate(zip(runs, labels)):
+            color = colors[i % len(colors)]
+            idx, y = _series(train, key)
+            if len(idx):
+                xs = _x(train, x, train)[idx]
+                ax.plot(xs, y, color=color, lw=1.2, label=label if key != "loss" else f"{label} train")
+            if key in ("loss", "perplexity") and evals:
+                eidx, ey = _series(evals, key)
+                if len(eidx):
+                    exs = _x(evals, x, train)[eidx]
+                    ax.plot(exs, ey, color=color, lw=1.2, ls="--", marker="o", ms=3, label=f"{label} eval")
+        ax.set_ylabel(TITLES.get(key, key))
+        ax.grid(True, alpha=0.3)
+        if key == "lr":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.legend(loc="best", fontsize="small")
+    axes[-1, 0].set_xlabel(X_LABELS[x])
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)  # no bbox_inches="tight": the image keeps the requested size
+    plt.close(fig)
+    return out
+
+
+def _size(s: str) -> tuple[int, int]:
+    try:
+        w, _, h = s.lower().partition("x")
+        width, height = int(w), int(h) if h else 0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not WIDTHxHEIGHT in pixels, e.g. 1200x900") from None
+    if width <= 0 or height < 0:
+        raise argparse.ArgumentTypeError(f"{s!r}: width and height must be positive")
+    return width, height
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flame plot", description="Plot metrics of one or more runs (overlaid) into a PNG."
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories holding metrics.jsonl")
+    p.add_argument("-o", "--out", help="output PNG (default: <first RUN_DIR>/metrics.png)")
+    p.add_argument("--x", choices=tuple(X_LABELS), default="step", help="x axis (default: step)")
+    p.add_argument(
+        "--metrics",
+        default=",".join(DEFAULT_METRICS),
+        help="comma-separated metrics.jsonl fields, one panel each (default: loss,lr,tokens_per_s; "
+        "also grad_norm, mfu, memory_gib, data_wait, perplexity, ...)",
+    )
+    p.add_argument(
+        "--size", type=_size, default=(1200, 0), help="WIDTHxHEIGHT in pixels (default: 1200 x 350 per panel)"
+    )
+    return p
+
+
+def cli(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    out = args.out or str(Path(args.run_dirs[0]) / "metrics.png")
+    path = plot_runs(args.run_dirs, out, x=args.x, metrics=metrics, size=args.size)
+    print(f"wrote {path}")
+    return 0
