@@ -132,6 +132,26 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and of its finished, reaped descendants."""
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def stop_forkserver() -> None:
+    """Stop multiprocessing's forkserver (if one runs) so the CPU time of the workers it reaped
+    counts in `cpu_seconds` (private API, used by CPython's own tests; a no-op if it changes)."""
+    try:
+        from multiprocessing import forkserver
+
+        forkserver._forkserver._stop()
+    except Exception:
+        pass
+
+
 def rss_anon_kib(pid: int | str = "self") -> int:
     """Anonymous resident memory (RssAnon, KiB) of a process: heap and stacks, not mapped files."""
     with open(f"/proc/{pid}/status") as f:

@@ -15,6 +15,7 @@ streaming) run this file again as a child: `--child NAME JSON`.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -30,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    cpu_seconds,
     dir_bytes,
     documents,
     emit,
@@ -39,6 +41,7 @@ from common import (  # noqa: E402
     nbytes,
     rss_anon_kib,
     si,
+    stop_forkserver,
     train_bpe,
     write_jsonl,
 )
@@ -82,11 +85,15 @@ def child_encode(a: dict) -> dict:
             call = getattr(raw, method)
             fn = lambda b, call=call: call(b, add_special_tokens=False)  # noqa: E731
             count = lambda res: sum(len(e.ids) for e in res)  # the ids must come out: a consumer needs them  # noqa: E731
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         n = 0
         for i in range(0, len(texts), 1000):
             n += count(fn(texts[i : i + 1000]))
-        out[method] = {"seconds": time.perf_counter() - t0, "tokens": n + len(texts)}  # + one EOS a document
+        out[method] = {
+            "seconds": time.perf_counter() - t0,
+            "cpu": cpu_seconds() - c0,
+            "tokens": n + len(texts),  # + one EOS a document
+        }
     return out
 
 
@@ -100,7 +107,7 @@ def child_hf(a: dict) -> dict:
     datasets.logging.set_verbosity_error()
     block = a["block"]
     cache = a["cache"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     raw = datasets.load_dataset("json", data_files=a["files"], split="train", cache_dir=cache)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(Path(a["tok"]) / "tokenizer.json"))
 
@@ -117,7 +124,8 @@ def child_hf(a: dict) -> dict:
     tokd = raw.map(tokenize, batched=True, num_proc=a["procs"], remove_columns=["text"])
     lm = tokd.map(group, batched=True, num_proc=a["procs"])
     seconds = time.perf_counter() - t0
-    res = {"seconds": seconds, "cache_bytes": dir_bytes(Path(cache)), "samples": len(lm)}
+    cpu = cpu_seconds() - c0  # the map workers have exited and been reaped
+    res = {"seconds": seconds, "cpu": cpu, "cache_bytes": dir_bytes(Path(cache)), "samples": len(lm)}
     if a.get("read_batches"):
         ds = lm.with_format("torch", columns=["input_ids"])
         dl = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True)
@@ -133,6 +141,25 @@ def child_hf(a: dict) -> dict:
                 it = iter(dl)
         res["read_tok_s"] = got / (time.perf_counter() - t0)
     return res
+
+
+def child_prepare(a: dict) -> dict:
+    """`flame prepare` with 2 workers: wall time, and CPU time including its worker processes."""
+    from flame.data.prepare import prepare
+
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    mf = prepare(
+        a["files"],
+        a["tok"],
+        a["out"],
+        workers=2,
+        progress=False,
+        unit_bytes=a["unit_bytes"],
+        log=lambda m: None,
+    )
+    seconds = time.perf_counter() - t0
+    stop_forkserver()  # its workers' CPU time reaches us once it has exited
+    return {"seconds": seconds, "cpu": cpu_seconds() - c0, "tokens": mf["num_tokens"], "shards": mf["shards"]}
 
 
 def _prepared_loader(paths: list[str], weights, varlen: bool = False, workers: int = 0):
@@ -203,7 +230,7 @@ def child_stream(a: dict) -> dict:
     saved: dict[int, tuple[bytes, object]] = {}
     # end to end, like `prepare`: build the loader, start its workers, read `batches` batches;
     # at each resume depth, keep the state and the batch that follows it
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     loader = _streaming_loader(inputs, tok, workers, tmp)
     it = iter(loader)
     next(it)
@@ -214,9 +241,17 @@ def child_stream(a: dict) -> dict:
             saved[i] = (blob, next(it)["input_ids"])
         else:
             next(it)
-    rate = a["batches"] * BATCH * CONTEXT / (time.perf_counter() - t0)
-    res = {"first_batch_s": first, "tok_s": rate, "resume": []}
+    seconds = time.perf_counter() - t0
     del it, loader
+    gc.collect()  # shuts the worker processes down; their CPU time then counts
+    time.sleep(0.5)
+    res = {
+        "first_batch_s": first,
+        "seconds": seconds,
+        "tok_s": a["batches"] * BATCH * CONTEXT / seconds,
+        "cpu": cpu_seconds() - c0,
+        "resume": [],
+    }
     for depth, (blob, want) in sorted(saved.items()):
         t0 = time.perf_counter()
         fresh = _streaming_loader(inputs, tok, workers, tmp)
@@ -229,7 +264,13 @@ def child_stream(a: dict) -> dict:
     return res
 
 
-CHILDREN = {"encode": child_encode, "hf": child_hf, "mem": child_mem, "stream": child_stream}
+CHILDREN = {
+    "encode": child_encode,
+    "prepare": child_prepare,
+    "hf": child_hf,
+    "mem": child_mem,
+    "stream": child_stream,
+}
 
 
 def run_child(name: str, args: dict, env: dict | None = None, timeout: float = 900) -> dict:
@@ -262,22 +303,6 @@ def replicate_store(src: Path, dst: Path, copies: int) -> Path:
     return dst
 
 
-def prepare_store(files: list[Path], tok_dir: Path, out: Path, unit_bytes: int) -> tuple[float, dict]:
-    from flame.data.prepare import prepare
-
-    t0 = time.perf_counter()
-    mf = prepare(
-        [str(f) for f in files],
-        str(tok_dir),
-        str(out),
-        workers=2,
-        progress=False,
-        unit_bytes=unit_bytes,
-        log=lambda m: None,
-    )
-    return time.perf_counter() - t0, mf
-
-
 class MemmapReader:
     """nanoGPT's get_batch: B random windows of a uint16 memmap, each converted to int64, stacked."""
 
@@ -297,7 +322,8 @@ class MemmapReader:
 
 def section_tokenize(files, tok_dir, tmp: Path, corpus_bytes: int, rounds: int, hf_read: int, log):
     """Throughput of everything that turns text into tokens, interleaved over `rounds` rounds."""
-    rows: dict[str, list[float]] = {}
+    rows: dict[str, list[float]] = {}  # wall seconds per round
+    cpu: dict[str, list[float]] = {}  # CPU seconds per round (all processes of the row)
     extra: dict[str, dict] = {}
     fl = [str(f) for f in files]
     small_unit = max(1 << 20, corpus_bytes // 8)
@@ -314,18 +340,22 @@ def section_tokenize(files, tok_dir, tmp: Path, corpus_bytes: int, rounds: int, 
             res = run_child("encode", {"files": fl, "tok": str(tok_dir), "methods": order}, env)
             for method, m in res.items():
                 rows.setdefault(f"{method}|{threads}", []).append(m["seconds"])
+                cpu.setdefault(f"{method}|{threads}", []).append(m["cpu"])
                 extra[f"{method}|{threads}"] = m
         for label, unit in (("default", 64 << 20), ("split", small_unit)):
             out = tmp / f"prep-{label}-{r}"
-            secs, mf = prepare_store(files, tok_dir, out, unit)
-            rows.setdefault(f"prepare|{label}", []).append(secs)
+            res = run_child(
+                "prepare", {"files": fl, "tok": str(tok_dir), "out": str(out), "unit_bytes": unit}
+            )
+            rows.setdefault(f"prepare|{label}", []).append(res["seconds"])
+            cpu.setdefault(f"prepare|{label}", []).append(res["cpu"])
             extra[f"prepare|{label}"] = {
-                "tokens": mf["num_tokens"],
+                "tokens": res["tokens"],
                 "bytes": dir_bytes(out),
-                "token_bytes": sum((out / f"{s['name']}.tokens").stat().st_size for s in mf["shards"]),
-                "shards": len(mf["shards"]),
+                "token_bytes": sum((out / f"{s['name']}.tokens").stat().st_size for s in res["shards"]),
+                "shards": len(res["shards"]),
             }
-            store_tokens = mf["num_tokens"]
+            store_tokens = res["tokens"]
             if r == 0 and label == "default":
                 kept_store = out
             else:
@@ -345,15 +375,20 @@ def section_tokenize(files, tok_dir, tmp: Path, corpus_bytes: int, rounds: int, 
         )
         shutil.rmtree(cache, ignore_errors=True)
         rows.setdefault("hf", []).append(res["seconds"])
+        cpu.setdefault("hf", []).append(res["cpu"])
         extra["hf"] = {**extra.get("hf", {}), **res}
         log(f"tokenize round {r + 1}/{rounds} done")
-    return rows, extra, store_tokens, kept_store
+    return rows, cpu, extra, store_tokens, kept_store
 
 
 def section_read(store: Path, big: Path, repeats: int, batches: int, worker_batches: int, log):
     """Model-ready int64 batches per second, interleaved repeats, same store."""
-    shard = next(store.glob("*.tokens"))
-    mm = MemmapReader(shard)
+    shards = sorted(store.glob("*.tokens"))
+    if len(shards) != 1:  # the baseline reads one flat file: keep the corpus under one 64 MiB unit
+        raise SystemExit(
+            f"the memmap baseline needs a one-shard store; {store} has {len(shards)} (use --corpus-mb < 64)"
+        )
+    mm = MemmapReader(shards[0])
     flat = _prepared_loader([str(store)], None)
     var = _prepared_loader([str(store)], None, varlen=True)
     mix = _prepared_loader([str(store), str(big)], [0.5, 0.5])
@@ -410,7 +445,7 @@ def section_resume(store: Path, big: Path, reps: int):
         ("store S", [str(store)], None, per_epoch // 2, "50% of epoch 0"),
         ("store S", [str(store)], None, per_epoch * 95 // 100, "95% of epoch 0"),
         ("store S", [str(store)], None, per_epoch * 10 + per_epoch // 2, "50% of epoch 10"),
-        ("mixture S + 10xS", [str(store), str(big)], [0.5, 0.5], per_epoch * 3, f"{per_epoch * 3} batches"),
+        ("mixture S + 10xS", [str(store), str(big)], [0.5, 0.5], per_epoch * 3, "3x the batches of S"),
     ]
     for what, paths, weights, depth, where in cases:
         ref = _prepared_loader(paths, weights)
@@ -477,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
         del docs
         log(f"corpus: {n_docs:,} documents, {text_bytes / 1e6:.1f} MB; tokenizer trained")
 
-        tok_rows, tok_extra, store_tokens, store = section_tokenize(
+        tok_rows, tok_cpu, tok_extra, store_tokens, store = section_tokenize(
             files, tok_dir, tmp, corpus_bytes, rounds, read_batches // 5, log
         )
         big = replicate_store(store, tmp / "store-10x", 10)
@@ -562,10 +597,19 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------- report
     T = store_tokens
     med = {k: median(v) for k, v in tok_rows.items()}
+    mcpu = {k: median(v) for k, v in tok_cpu.items()}
     ceil2 = T / med["encode_batch_fast|2"]
+    ceil_cpu = T / mcpu["encode_batch_fast|1"]  # tokens per CPU-second of the bare tokenizer
     pd = tok_extra["prepare|default"]
     ps = tok_extra["prepare|split"]
     hf = tok_extra["hf"]
+
+    def trow(label: str, wall: float, cpu_s: float | None, disk: str) -> list:
+        cells = [label, f"{wall:.2f}", si(T / wall), f"{T / wall / ceil2:.2f}x"]
+        if cpu_s is None:
+            return [*cells, "-", "-", "-", disk]
+        return [*cells, f"{cpu_s / wall:.2f}", si(T / cpu_s), f"{T / cpu_s / ceil_cpu:.2f}x", disk]
+
     t_rows = []
     for method, label in (
         ("encode_batch", "`Tokenizer.encode_batch` (ids as lists)"),
@@ -573,52 +617,30 @@ def main(argv: list[str] | None = None) -> None:
         ("flame", "flame `HFTokenizer.encode_batch` (-> int32 arrays)"),
     ):
         for th in (1, 2):
-            if f"{method}|{th}" not in med:
-                continue
-            s = med[f"{method}|{th}"]
-            t_rows.append(
-                [f"{label}, {th} thread{'s' * (th > 1)}", f"{s:.2f}", si(T / s), f"{T / s / ceil2:.2f}x", "-"]
-            )
-    t_rows.append(
-        [
-            f"**flame prepare**, 2 workers, default 64 MiB units ({pd['shards']} shard)",
-            f"{med['prepare|default']:.2f}",
-            si(T / med["prepare|default"]),
-            f"{T / med['prepare|default'] / ceil2:.2f}x",
-            f"{pd['token_bytes'] / T:.2f} ({pd['bytes'] / T:.2f} with index)",
-        ]
-    )
-    t_rows.append(
-        [
-            f"**flame prepare**, 2 workers, `unit_bytes` = corpus/8 ({ps['shards']} shards)",
-            f"{med['prepare|split']:.2f}",
-            si(T / med["prepare|split"]),
-            f"{T / med['prepare|split'] / ceil2:.2f}x",
-            f"{ps['token_bytes'] / T:.2f} ({ps['bytes'] / T:.2f} with index)",
-        ]
-    )
+            key = f"{method}|{th}"
+            if key in med:
+                t_rows.append(trow(f"{label}, {th} thread{'s' * (th > 1)}", med[key], mcpu[key], "-"))
+    for key, what, info in (
+        ("prepare|default", f"default 64 MiB units: {pd['shards']} task", pd),
+        ("prepare|split", f"`unit_bytes` = corpus/8: {ps['shards']} tasks", ps),
+    ):
+        disk = f"{info['token_bytes'] / T:.2f} ({info['bytes'] / T:.2f} whole store directory)"
+        t_rows.append(trow(f"**flame prepare**, workers=2, {what}", med[key], mcpu[key], disk))
     if stream:
         if "error" in stream:
-            t_rows.append(["flame streaming (`StreamingLoader`)", "error", stream["error"], "-", "-"])
+            t_rows.append(["flame streaming (`StreamingLoader`)", "error", stream["error"], *["-"] * 5])
         else:
             for w, res in stream.items():
-                t_rows.append(
-                    [
-                        f"**flame streaming** tokenize+pack+shuffle, {w} workers (end to end, 1 pass)",
-                        f"{T / res['tok_s']:.2f}",
-                        si(res["tok_s"]),
-                        f"{res['tok_s'] / ceil2:.2f}x",
-                        "0 (no cache)",
-                    ]
-                )
+                label = f"**flame streaming** tokenize+pack+shuffle, {w} workers (1 pass, end to end)"
+                scale = T / (res["tok_s"] * res["seconds"])  # store tokens / tokens read
+                t_rows.append(trow(label, res["seconds"] * scale, res["cpu"] * scale, "0 (no cache)"))
     t_rows.append(
-        [
+        trow(
             "HF `datasets` load json + map-tokenize + group-texts, num_proc=2",
-            f"{med['hf']:.2f}",
-            si(T / med["hf"]),
-            f"{T / med['hf'] / ceil2:.2f}x",
+            med["hf"],
+            mcpu["hf"],
             f"{hf['cache_bytes'] / T:.1f} (cache {nbytes(hf['cache_bytes'])})",
-        ]
+        )
     )
 
     r_rows = []
@@ -671,8 +693,22 @@ def main(argv: list[str] | None = None) -> None:
             f"## Tokenize: text -> tokens ({rounds} interleaved round(s), median; rates are store tokens / time)",
             "",
             md_table(
-                ["what", "time s", "tokens/s", "x encode_batch_fast 2 thr", "bytes/token on disk"], t_rows
+                [
+                    "what",
+                    "wall s",
+                    "tokens/s",
+                    "x encode_batch_fast 2 thr",
+                    "cores busy (CPU s / wall s)",
+                    "tokens per CPU-s",
+                    "x encode_batch_fast 1 thr, per CPU-s",
+                    "bytes/token on disk",
+                ],
+                t_rows,
             ),
+            "",
+            "Wall-clock rates depend on how many cores the shared machine gave each row (cores busy); tokens "
+            "per CPU-second do not: they compare the work each pipeline spends per token. The streaming rows "
+            "read one pass worth of batches and are scaled to the store's token count.",
             "",
             f"## Prepared reading: model-ready int64 [8, 2048] batches (median of {read_reps} interleaved repeats "
             f"of {read_batches} batches)",

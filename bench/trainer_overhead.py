@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,7 +60,7 @@ def bare_parts(cfg, vocab: int):
     return model, opt, sched
 
 
-def one_repeat(store: Path, run_dir: Path, args, steps: int) -> tuple[list[float], list[float]]:
+def one_repeat(store: Path, run_dir: Path, shape: Shape, steps: int) -> tuple[list[float], list[float]]:
     """(flame step seconds, seconds of the bare step run right after each) over `steps` steps."""
     import torch
 
@@ -70,15 +71,9 @@ def one_repeat(store: Path, run_dir: Path, args, steps: int) -> tuple[list[float
     cfg = load_config(
         overrides={
             "data.store": str(store),
-            "data.context_len": args.context,
-            "data.batch_size": args.batch,
-            "model.overrides": {
-                "hidden_size": args.hidden,
-                "intermediate_size": args.hidden * 11 // 4,
-                "num_hidden_layers": args.layers,
-                "num_attention_heads": max(1, args.hidden // 32),
-                "num_key_value_heads": max(1, args.hidden // 32),
-            },
+            "data.context_len": shape.context,
+            "data.batch_size": shape.batch,
+            "model.overrides": shape.overrides(),
             "train.run_dir": str(run_dir),
             "train.max_steps": steps,
             "train.device": "cpu",
@@ -136,96 +131,116 @@ def _world():
     return World(0, 1, 0, torch.device("cpu"))
 
 
+@dataclass
+class Shape:
+    """A llama of `layers` x `hidden` trained on `batch` x `context` tokens a step."""
+
+    hidden: int
+    layers: int
+    context: int
+    batch: int
+
+    def overrides(self) -> dict:
+        heads = max(1, self.hidden // 32)
+        return {
+            "hidden_size": self.hidden,
+            "intermediate_size": self.hidden * 11 // 4,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads,
+        }
+
+    def label(self) -> str:
+        from flame.config import ModelConfig
+        from flame.model import build_model
+
+        n = sum(
+            p.numel()
+            for p in build_model(ModelConfig(overrides=self.overrides()), 257, self.context).parameters()
+        )
+        return f"hidden {self.hidden}, {self.layers} layers ({n / 1e6:.2f}M), {self.batch} x {self.context} tokens"
+
+
+def measure(store: Path, tmp: Path, shape: Shape, repeats: int, steps: int, warmup: int, tag: str):
+    """Per-repeat rows and the pooled (flame, bare, ratio) lists of one model shape."""
+    rows, all_f, all_b, all_r = [], [], [], []
+    for r in range(repeats):
+        # +1: the first flame step has no start mark; warmup steps are dropped after
+        f, b = one_repeat(store, tmp / f"run-{tag}-{r}", shape, warmup + steps + 1)
+        f, b = f[warmup:], b[warmup:]
+        ratios = [x / y for x, y in zip(f, b)]
+        all_f += f
+        all_b += b
+        all_r += ratios
+        rows.append(_row(f"{tag}, run {r + 1}", f, b, ratios))
+        print(f"{tag} run {r + 1}/{repeats}: {rows[-1][2]} vs {rows[-1][3]} ms", file=sys.stderr, flush=True)
+    return rows, _row(f"**{tag}, all**", all_f, all_b, all_r, bold=True)
+
+
+def _row(name: str, f: list[float], b: list[float], ratios: list[float], bold: bool = False) -> list:
+    med = statistics.median
+    diff = med([x - y for x, y in zip(f, b)])
+    cells = [
+        f"{med(f) * 1e3:.2f}",
+        f"{med(b) * 1e3:.2f}",
+        f"{(med(ratios) - 1) * 100:+.2f}%",
+        f"{diff * 1e6:+.0f}",
+        f"{(sum(f) / sum(b) - 1) * 100:+.2f}%",
+    ]
+    if bold:
+        cells = [f"**{c}**" for c in cells]
+    return [name, len(f), *cells]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a ~30 s version: 2 repeats of 12 steps")
-    ap.add_argument("--repeats", type=int, default=None, help="fresh Trainer runs (default 5, quick 2)")
+    ap.add_argument("--quick", action="store_true", help="a ~30 s version: fewer runs and steps")
     ap.add_argument(
-        "--steps", type=int, default=None, help="measured steps per repeat (default 30, quick 10)"
+        "--repeats", type=int, default=None, help="fresh Trainer runs of the main model (default 5)"
     )
-    ap.add_argument("--warmup", type=int, default=None, help="steps skipped per repeat (default 5, quick 3)")
-    ap.add_argument("--hidden", type=int, default=128, help="model width (llama, 4 heads per 128)")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--context", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=None, help="measured steps per run (default 30)")
+    ap.add_argument(
+        "--warmup", type=int, default=None, help="steps dropped at the start of each run (default 5)"
+    )
+    ap.add_argument("--hidden", type=int, default=128, help="main model width (one head per 32)")
+    ap.add_argument("--layers", type=int, default=4, help="main model layers")
+    ap.add_argument("--context", type=int, default=128, help="main model context")
+    ap.add_argument("--batch", type=int, default=8, help="main model batch")
     args = ap.parse_args(argv)
     q = args.quick
     repeats = args.repeats or (2 if q else 5)
     steps = args.steps or (10 if q else 30)
     warmup = args.warmup if args.warmup is not None else (3 if q else 5)
+    main_shape = Shape(args.hidden, args.layers, args.context, args.batch)
+    # a model so small that the step is mostly the loop itself: the fixed cost per step in us
+    micro = Shape(32, 1, 32, 2)
+    micro_repeats, micro_steps = (1, 60) if q else (3, 200)
     header = machine()
 
     import torch
 
     from flame.data.prepare import prepare
 
-    rows = []
-    all_f: list[float] = []
-    all_b: list[float] = []
-    all_r: list[float] = []
     with tempfile.TemporaryDirectory(prefix="flame-bench-trainer-") as td:
         tmp = Path(td)
         files = write_jsonl(documents(2 << 20), tmp / "corpus", 2)
         store = tmp / "store"
         prepare([str(f) for f in files], "byte", str(store), workers=1, progress=False, log=lambda m: None)
-        for r in range(repeats):
-            # +1: the first flame step has no start mark; warmup steps are dropped after
-            f, b = one_repeat(store, tmp / f"run-{r}", args, warmup + steps + 1)
-            f, b = f[warmup:], b[warmup:]
-            ratios = [x / y for x, y in zip(f, b)]
-            all_f += f
-            all_b += b
-            all_r += ratios
-            rows.append(
-                [
-                    f"repeat {r + 1}",
-                    len(f),
-                    f"{statistics.median(f) * 1e3:.1f}",
-                    f"{statistics.median(b) * 1e3:.1f}",
-                    f"{(statistics.median(ratios) - 1) * 100:+.2f}%",
-                    f"{(sum(f) / sum(b) - 1) * 100:+.2f}%",
-                ]
-            )
-            print(f"repeat {r + 1}/{repeats}: {rows[-1][2]} vs {rows[-1][3]} ms", file=sys.stderr, flush=True)
-    rows.append(
-        [
-            "**all**",
-            len(all_f),
-            f"**{statistics.median(all_f) * 1e3:.1f}**",
-            f"**{statistics.median(all_b) * 1e3:.1f}**",
-            f"**{(statistics.median(all_r) - 1) * 100:+.2f}%**",
-            f"{(sum(all_f) / sum(all_b) - 1) * 100:+.2f}%",
-        ]
-    )
-    n_params = None
-    with contextlib.suppress(Exception):
-        from flame.config import ModelConfig
-        from flame.model import build_model
-
-        mc = ModelConfig(
-            name="tiny",
-            overrides={
-                "hidden_size": args.hidden,
-                "intermediate_size": args.hidden * 11 // 4,
-                "num_hidden_layers": args.layers,
-                "num_attention_heads": max(1, args.hidden // 32),
-                "num_key_value_heads": max(1, args.hidden // 32),
-            },
-        )
-        n_params = sum(p.numel() for p in build_model(mc, 257, args.context).parameters())
+        rows, total = measure(store, tmp, main_shape, repeats, steps, warmup, "main")
+        _, micro_total = measure(store, tmp, micro, micro_repeats, micro_steps, 10, "micro")
     cmd = "bench/trainer_overhead.py" + (" --quick" if q else "")
     text = "\n".join(
         [
             f"# flame trainer overhead (`.venv/bin/python {cmd}`)",
             "",
             f"Machine: {header}; {torch.get_num_threads()} torch threads.",
-            f"Model: llama, hidden {args.hidden}, {args.layers} layers"
-            + (f" ({n_params / 1e6:.2f}M parameters)" if n_params else "")
-            + f", byte tokenizer (257), fp32 on CPU; batch {args.batch} x {args.context} tokens; AdamW, clip 1.0.",
+            f"main: llama, {main_shape.label()} a step; micro: {micro.label()} (the step is mostly the loop "
+            "itself). Byte tokenizer (257), fp32 on CPU, AdamW, clip 1.0.",
             "Data: 2 MB of the standard library's sources, prepared once (`flame prepare`, byte tokenizer).",
-            f"flame: `Trainer` (log interval 10, checkpoints off, non-finite guard on: the defaults). "
-            f"{repeats} fresh runs x {steps} measured steps after {warmup} warmup steps, each flame step "
-            "paired with the bare step run right after it.",
+            "flame: `Trainer` with the defaults (log interval 10, non-finite guard on), checkpoints off. "
+            f"main: {repeats} fresh runs x {steps} measured steps after {warmup} warmup steps; micro: "
+            f"{micro_repeats} x {micro_steps} after 10. Each flame step is paired with the bare step run right "
+            "after it.",
             "",
             md_table(
                 [
@@ -234,13 +249,14 @@ def main(argv: list[str] | None = None) -> None:
                     "flame ms/step (median)",
                     "bare ms/step (median)",
                     "overhead (median of paired ratios)",
+                    "flame - bare, us/step (median of paired differences)",
                     "overhead (sum of times)",
                 ],
-                rows,
+                [*rows, total, micro_total],
             ),
             "",
             "Target: <= 5% (BENCHMARKS.md aims at <= 2%). The sum-of-times column includes the logging "
-            "steps (one in 10) and is noisier.",
+            "steps (one in 10) and is the noisiest on a shared machine.",
         ]
     )
     emit("trainer_overhead" + ("-quick" if q else ""), text)

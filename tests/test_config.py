@@ -130,3 +130,20 @@ def test_help_lists_every_option_with_default():
 def test_unknown_command():
     r = _flame("trian")
     assert r.returncode == 2 and "did you mean `flame train`?" in r.stderr
+
+
+def test_shipped_configs_use_known_keys():
+    import tomllib
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert len(files) >= 3
+    for f in files:
+        config_from_dict(tomllib.loads(f.read_text()))  # raises ConfigError on an unknown key
+
+
+def test_default_config_file_equals_embedded_default():
+    from pathlib import Path
+
+    f = Path(__file__).parents[1] / "configs" / "default.toml"
+    assert load_config(["--config", str(f)]) == Config()

@@ -111,6 +111,9 @@ class CheckpointConfig:
     resume: bool = _f(True, "resume automatically from the run directory's latest checkpoint")
     allow_config_change: bool = _f(False, "resume even when the data order or model shape would change")
     checksums: bool = _f(True, "record and verify checksums of checkpoint files")
+    async_save: bool = _f(
+        False, "write interval checkpoints in the background; each is marked COMPLETE only after every rank's write"
+    )
 
 
 @dataclass
@@ -134,8 +137,13 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    strategy: str = _f("auto", "auto (none on one process, ddp otherwise), none, ddp, fsdp")
+    strategy: str = _f("auto", "auto (none on one process, fsdp otherwise), none, ddp, fsdp")
     backend: str = _f("auto", "auto (nccl on CUDA, gloo on CPU), nccl, gloo")
+    init: str = _f(
+        "auto",
+        "fsdp weights: auto/rank0 (rank 0 builds on CPU and broadcasts: the same weights as one process), "
+        "meta (each rank inits its shards: for models larger than host memory)",
+    )
 
 
 @dataclass
@@ -166,6 +174,7 @@ CHOICES = {
     "log.wandb": ("off", "online", "offline"),
     "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
     "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.init": ("auto", "rank0", "meta"),
 }
 
 

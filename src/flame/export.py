@@ -122,6 +122,9 @@ def export(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     from transformers import PreTrainedModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one small directory: no "Writing model shards" bar
 
     tok.save_pretrained(str(tmp))
     if not isinstance(model, PreTrainedModel):
@@ -167,7 +170,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     a = p.parse_args(argv)
     out = export(a.run_dir, a.out, a.step, a.dtype, a.force)
-    print(f"exported {a.run_dir} to {out} ({a.dtype})")
+    print(f"exported {find_checkpoint(a.run_dir, a.step)} to {out} ({a.dtype})")
     print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})")
     print(f"continue pretraining from it: flame train --model.init_from {out} ...")
     return 0

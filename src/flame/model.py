@@ -42,16 +42,20 @@ def _import_modules(names: list[str]) -> None:
 
 
 def _hf_config(cfg: ModelConfig, vocab_size: int, context_len: int):
+    """The transformers config, with model.overrides passed to its constructor (so derived
+    fields such as head_dim follow them)."""
     from transformers import AutoConfig, LlamaConfig
 
     if cfg.name in PRESETS:
-        return LlamaConfig(
+        fields = dict(
             vocab_size=vocab_size,
             max_position_embeddings=max(context_len, 128),
             tie_word_embeddings=True,
             rms_norm_eps=1e-5,
             **PRESETS[cfg.name],
         )
+        _check_overrides(LlamaConfig(), cfg.overrides)
+        return LlamaConfig(**{**fields, **cfg.overrides})
     path = Path(cfg.name)
     if path.is_dir():
         path = path / "config.json"
@@ -67,11 +71,27 @@ def _hf_config(cfg: ModelConfig, vocab_size: int, context_len: int):
     if not isinstance(raw, dict) or "model_type" not in raw:
         raise ConfigError(f"model.name: {path} has no 'model_type'; is it a transformers config.json?")
     try:
-        return AutoConfig.from_pretrained(str(path.parent), local_files_only=True)
+        fields = dict(raw)
+        model_type = fields.pop("model_type")
+        _check_overrides(AutoConfig.for_model(model_type, **fields), cfg.overrides)
+        if cfg.vocab_size:
+            fields["vocab_size"] = cfg.vocab_size
+        return AutoConfig.for_model(model_type, **{**fields, **cfg.overrides})
+    except ConfigError:
+        raise
     except Exception as e:  # transformers raises many types for unknown model types
-        raise ConfigError(
-            f"model.name: transformers cannot read {path}: {e}",
-        ) from None
+        if "Unrecognized model identifier" in str(e):
+            raise ConfigError(
+                f"model.name: {path} has model_type {raw['model_type']!r}, which transformers does not know "
+                "(add the package that defines it to model.import_modules, e.g. fla)"
+            ) from None
+        raise ConfigError(f"model.name: transformers cannot read {path}: {str(e)[:300]}") from None
+
+
+def _check_overrides(hf, overrides: dict) -> None:
+    unknown = [k for k in overrides if not hasattr(hf, k)]
+    if unknown:
+        raise ConfigError(f"model.overrides: the {hf.model_type} config has no field(s) {', '.join(unknown)}")
 
 
 def build_model(cfg: ModelConfig, tokenizer_vocab: int, context_len: int) -> nn.Module:
@@ -85,12 +105,6 @@ def build_model(cfg: ModelConfig, tokenizer_vocab: int, context_len: int) -> nn.
         from transformers import AutoModelForCausalLM
 
         hf = _hf_config(cfg, cfg.vocab_size or tokenizer_vocab, context_len)
-        if cfg.name not in PRESETS and cfg.vocab_size:
-            hf.vocab_size = cfg.vocab_size
-        for k, v in cfg.overrides.items():
-            if not hasattr(hf, k):
-                raise ConfigError(f"model.overrides: the {hf.model_type} config has no field '{k}'")
-            setattr(hf, k, v)
         try:
             model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
         except ValueError:
@@ -167,6 +181,8 @@ def forward_loss(model: nn.Module, batch: dict, accepts: set[str]) -> torch.Tens
     for k in ("position_ids", "cu_seqlens", "max_seqlen"):
         if k in batch and k in accepts:
             kw[k] = batch[k]
+    if "use_cache" in accepts:  # no KV cache in training: it would hold every layer's keys and values
+        kw["use_cache"] = False
     out = model(**kw)
     loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
     if loss is None and isinstance(out, (tuple, list)):

@@ -6,7 +6,7 @@ Strategies (`parallel.strategy`):
   last micro-batch.
 - `fsdp`: FSDP2 (`fully_shard`) on every transformer block, then on the root; each rank holds
   1/world of every parameter, gradient and optimizer state. On CUDA parameters are gathered
-  in bf16 and gradients reduced in fp32.
+  in bf16 and gradients reduced in fp32 (unless train.dtype = fp32).
 - `auto`: `none` on one process, `fsdp` on several.
 
 With `fsdp` the model is never materialized whole on a device. `parallel.init = rank0` (the
@@ -129,7 +129,7 @@ def wrap_model(
     if tcfg.compile:
         _compile(model, blocks)
     if strategy == "fsdp":
-        return _fsdp(model, blocks, world, mode, tcfg.seed)
+        return _fsdp(model, blocks, world, mode, tcfg)
     model = model.to(world.device)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -183,7 +183,7 @@ def _compile(model: nn.Module, blocks: list[nn.Module]) -> None:
         m.forward = torch.compile(m.forward)
 
 
-def _fsdp(model: nn.Module, blocks: list[nn.Module], world: World, mode: str, seed: int) -> nn.Module:
+def _fsdp(model: nn.Module, blocks: list[nn.Module], world: World, mode: str, tcfg: TrainConfig) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     on_meta = any(p.is_meta for p in model.parameters())
@@ -192,9 +192,11 @@ def _fsdp(model: nn.Module, blocks: list[nn.Module], world: World, mode: str, se
     full = None
     if mode == "rank0" and world.is_main:
         full = {k: v for k, v in model.state_dict().items()}  # rank 0's weights, broadcast after sharding
+    # CUDA, unless train.dtype = fp32: gather parameters in bf16, reduce gradients in fp32
+    bf16 = world.device.type == "cuda" and tcfg.dtype != "fp32"
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if world.device.type == "cuda"
+        if bf16
         else MixedPrecisionPolicy()
     )
     for block in blocks:
@@ -203,7 +205,7 @@ def _fsdp(model: nn.Module, blocks: list[nn.Module], world: World, mode: str, se
     if mode == "rank0":
         _broadcast_from_rank0(model, full, world)
     else:
-        _init_sharded(model, world, seed)
+        _init_sharded(model, world, tcfg.seed)
     return model
 
 
@@ -259,6 +261,24 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float) -> torch.Ten
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
     full = getattr(norm, "full_tensor", None)
     return full() if callable(full) else norm
+
+
+def main_rank_copy(model: nn.Module, strategy: str, world: World, build) -> nn.Module | None:
+    """The trained model as a plain module on rank 0 (None on other ranks), e.g. to sample text.
+
+    Under FSDP the weights are gathered (every rank must call this) into a fresh `build()` on the
+    CPU of rank 0, then moved to its device; otherwise it is the model itself.
+    """
+    if strategy != "fsdp":
+        return unwrap(model) if world.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not world.is_main:
+        return None
+    plain = build()
+    plain.load_state_dict(full)
+    return plain.to(world.device)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

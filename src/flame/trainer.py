@@ -28,8 +28,8 @@ from flame.parallel import (
     clip_grad_norm,
     init_mode,
     init_world,
+    main_rank_copy,
     strategy_of,
-    unwrap,
     wrap_model,
 )
 from flame.runguard import RunLock, check_resume_compatible
@@ -429,13 +429,19 @@ def run_training(cfg: Config, callbacks: list | None = None) -> dict:
         if trainer.world.is_main:
             print(f"metrics: {trainer.run_dir / 'metrics.jsonl'}")
             print(f"checkpoints: {trainer.run_dir / 'checkpoints'}")
-        if cfg.train.sample_tokens and result["stopped"] == "done" and trainer.world.is_main:
+        if cfg.train.sample_tokens and result["stopped"] == "done":
             from flame.generate import sample_text
 
-            text = sample_text(
-                unwrap(trainer.model), trainer.tok, "", cfg.train.sample_tokens, trainer.world.device
+            # under FSDP every rank gathers the weights; rank 0 samples from a plain copy
+            model = main_rank_copy(
+                trainer.model,
+                trainer.strategy,
+                trainer.world,
+                lambda: build_model(cfg.model, trainer.tok.vocab_size, cfg.data.context_len),
             )
-            print("sample:\n" + text)
+            if model is not None:
+                text = sample_text(model, trainer.tok, "", cfg.train.sample_tokens, trainer.world.device)
+                print("sample:\n" + text)
         return result
     finally:
         trainer.close()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from flame.data.mixture import MixtureSchedule
-from flame.data.order import epoch_permutation
+from flame.data.order import samples_at
 from flame.data.store import TokenStore
 from flame.errors import DataError
 
@@ -45,21 +45,11 @@ class StoreSamples:
                 f"store {store.path} holds {store.num_tokens} tokens, fewer than one sample of {context_len}",
                 hint="use a smaller --data.context_len or more data",
             )
-        self._perms: dict[int, object] = {}
 
     def starts(self, ks: np.ndarray) -> np.ndarray:
         """Token start offsets of global samples `ks` (any order, any epochs)."""
-        epochs = ks // self.num_samples
-        local = ks - epochs * self.num_samples
-        out = np.empty_like(ks)
-        for e in np.unique(epochs):
-            perm = self._perms.get(int(e))
-            if perm is None:
-                perm = epoch_permutation(self.num_samples, self.seed, int(e), self.shuffle)
-                self._perms = {int(e): perm}  # one epoch at a time is live
-            m = epochs == e
-            out[m] = np.asarray(perm(local[m]), dtype=np.int64)
-        return out * self.context_len
+        _, local = samples_at(ks, self.num_samples, self.seed, self.shuffle)
+        return local.astype(np.int64) * self.context_len
 
     def epoch_of(self, k: int) -> int:
         return k // self.num_samples
