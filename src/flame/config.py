@@ -112,7 +112,8 @@ class CheckpointConfig:
     allow_config_change: bool = _f(False, "resume even when the data order or model shape would change")
     checksums: bool = _f(True, "record and verify checksums of checkpoint files")
     async_save: bool = _f(
-        False, "write interval checkpoints in the background; each is marked COMPLETE only after every rank's write"
+        False,
+        "write interval checkpoints in the background; each is marked COMPLETE only after every rank's write",
     )
 
 
