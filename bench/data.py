@@ -371,7 +371,8 @@ def section_tokenize(files, tok_dir, tmp: Path, corpus_bytes: int, rounds: int, 
                 "block": CONTEXT,
                 "read_batches": hf_read if r == rounds - 1 else 0,
             },
-            {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+            # offline, and every cache inside our temporary directory
+            {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home")},
         )
         shutil.rmtree(cache, ignore_errors=True)
         rows.setdefault("hf", []).append(res["seconds"])

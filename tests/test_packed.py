@@ -135,3 +135,41 @@ def test_varlen_boundaries_match_documents(stores):
         for s, e in zip(cu[:-1], cu[1:]):
             assert pos[s:e].tolist() == list(range(e - s))
         assert (b["labels"][0, cu[1:-1]] == -100).all() and b["max_seqlen"] == max(np.diff(cu))
+
+
+def test_batched_reads_across_shard_boundaries(tmp_path):
+    rng = np.random.default_rng(3)
+    for f in range(5):
+        with open(tmp_path / f"part{f}.jsonl", "w") as fh:
+            for i in range(40):
+                fh.write(json.dumps({"text": "x" * int(rng.integers(1, 40)) + f"{f}-{i}"}) + "\n")
+    prepare(
+        [str(tmp_path / "part*.jsonl")],
+        "byte",
+        str(tmp_path / "s"),
+        workers=1,
+        progress=False,
+        unit_bytes=1500,
+    )
+    store = TokenStore(tmp_path / "s")
+    assert len(store.shards) >= 3
+    length = 37
+    starts = np.arange(0, store.num_tokens - length, 5, dtype=np.int64)
+    crossing = [
+        s
+        for s in starts
+        if np.searchsorted(store.offsets, s, "right")
+        != np.searchsorted(store.offsets, s + length - 1, "right")
+    ]
+    assert crossing  # some windows straddle two shards
+    out = np.empty((len(starts), length), np.int64)
+    store.read_windows(starts, out)
+    rows, offs = store.inner_doc_starts(starts, length)
+    for j, s in enumerate(starts.tolist()):
+        ref = np.empty(length, np.int64)
+        store.read(s, ref)
+        assert np.array_equal(out[j], ref)
+        want = store.doc_starts(s + 1, s + length) - s
+        assert offs[rows == j].tolist() == want.tolist()
+        # a document starts right after each EOS inside the window
+        assert set(want.tolist()) == {p + 1 for p in np.nonzero(ref[:-1] == EOS)[0].tolist()}

@@ -66,6 +66,7 @@ class Trainer:
         self.world: World = init_world(cfg.parallel, cfg.train)
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_signal: str | None = None
+        self._params: list | None = None
         self._signals_seen = 0
         self._paused = 0.0  # seconds of eval / checkpointing inside the current log window
         self._step_lr = float("nan")
@@ -333,8 +334,9 @@ class Trainer:
         return {"step": self.step, "stopped": stopped, "loss": last_loss}
 
     def _clip(self) -> torch.Tensor:
-        clip = self.cfg.train.grad_clip
-        return clip_grad_norm(self.model.parameters(), clip)  # a plain tensor under FSDP too
+        if self._params is None:  # walking the module tree every step costs more than the norm
+            self._params = [p for p in self.model.parameters() if p.requires_grad]
+        return clip_grad_norm(self._params, self.cfg.train.grad_clip)  # a plain tensor under FSDP too
 
     def _step_ok(self, loss: torch.Tensor, gnorm: torch.Tensor, spike_mean: float | None) -> bool:
         bad = ~(torch.isfinite(loss) & torch.isfinite(gnorm))

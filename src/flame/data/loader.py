@@ -45,13 +45,14 @@ class PreparedBatches(IterableDataset):
         ks = self.samples(micro)
         src, starts = self.source.locate(ks)
         out = np.empty((len(ks), self.L), dtype=np.int64)
-        stores = [self.source.parts[s].store for s in src]
-        for b in range(len(ks)):
-            stores[b].read(int(starts[b]), out[b])
+        stores = [p.store for p in self.source.parts]
+        for s in np.unique(src).tolist():
+            rows = np.nonzero(src == s)[0]
+            stores[s].read_windows(starts[rows], out, rows)
         ids = torch.from_numpy(out)
         batch = {"input_ids": ids, "samples": torch.from_numpy(ks)}
         if self.varlen:
-            cu, pos = varlen_fields(stores, starts, self.L)
+            cu, pos = varlen_fields(stores, src, starts, self.L)
             flat = ids.view(1, -1)
             labels = flat.clone()
             labels[0, torch.from_numpy(cu[1:-1].astype(np.int64))] = -100  # no prediction across a boundary

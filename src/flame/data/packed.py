@@ -104,18 +104,20 @@ class SampleSource:
 
 
 def varlen_fields(
-    store_of_row: list[TokenStore], starts: np.ndarray, context_len: int
+    stores: list[TokenStore], src: np.ndarray, starts: np.ndarray, context_len: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """cu_seqlens (int32) and position_ids of B windows flattened to one row of B*L tokens.
 
     A segment starts at every window start and at every document start inside a window.
     """
-    cuts = []
-    for b, (store, s) in enumerate(zip(store_of_row, starts)):
-        inner = store.doc_starts(int(s) + 1, int(s) + context_len) - int(s)
-        cuts.append(np.concatenate([[0], inner]) + b * context_len)
-    total = len(starts) * context_len
-    cu = np.concatenate([*cuts, [total]]).astype(np.int32)
+    n = len(starts)
+    cuts = [np.arange(n, dtype=np.int64) * context_len]
+    for s in np.unique(src).tolist():
+        m = np.nonzero(src == s)[0]
+        rows, offs = stores[s].inner_doc_starts(starts[m], context_len)
+        cuts.append(m[rows] * context_len + offs)
+    total = n * context_len
+    cu = np.concatenate([np.sort(np.concatenate(cuts)), [total]]).astype(np.int32)
     seg_len = np.diff(cu)
     pos = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seg_len)
     return cu, pos

@@ -201,7 +201,7 @@ class TokenStore:
         self.num_tokens = int(self.offsets[-1])
         self.num_documents = int(self.manifest["num_documents"])
         self._open: OrderedDict[int, np.memmap] = OrderedDict()
-        self._docs: dict[int, np.ndarray] = {}
+        self._docs: OrderedDict[int, np.ndarray] = OrderedDict()
         self._max_open = max_open
         self._check_files(verify)
 
@@ -251,26 +251,43 @@ class TokenStore:
         self._check_files(verify=True)
 
     def shard_tokens(self, i: int) -> np.ndarray:
-        mm = self._open.get(i)
-        if mm is None:
+        """Shard i's tokens, memory-mapped (an LRU of at most `max_open` shards stays open)."""
+        arr = self._open.get(i)
+        if arr is None:
             n = self.shards[i]["tokens"]
             path = self.path / f"{self.shards[i]['name']}.tokens"
-            mm = np.memmap(path, dtype=self.dtype, mode="r", shape=(n,)) if n else np.zeros(0, self.dtype)
-            self._open[i] = mm
+            # a plain ndarray view of the map: slicing np.memmap objects costs a third of a batch
+            arr = (
+                np.memmap(path, dtype=self.dtype, mode="r", shape=(n,)).view(np.ndarray)
+                if n
+                else np.zeros(0, self.dtype)
+            )
+            self._open[i] = arr
             if len(self._open) > self._max_open:
                 self._open.popitem(last=False)
         else:
             self._open.move_to_end(i)
-        return mm
+        return arr
 
     def shard_docs(self, i: int) -> np.ndarray:
-        """[documents, 3] uint64: start offset in the shard, source index, record number."""
-        d = self._docs.get(i)
-        if d is None:
-            path = self.path / f"{self.shards[i]['name']}.docs"
-            d = np.fromfile(path, dtype=np.uint64).reshape(-1, _DOC_COLS)
-            self._docs[i] = d
-        return d
+        """[documents, 3] uint64, memory-mapped: start offset in the shard, source index, record number."""
+        path = self.path / f"{self.shards[i]['name']}.docs"
+        n = self.shards[i]["documents"]
+        if not n:
+            return np.zeros((0, _DOC_COLS), np.uint64)
+        return np.memmap(path, dtype=np.uint64, mode="r", shape=(n, _DOC_COLS)).view(np.ndarray)
+
+    def doc_column(self, i: int) -> np.ndarray:
+        """Document start offsets of shard i as a contiguous int64 array (a bounded LRU cache)."""
+        col = self._docs.get(i)
+        if col is None:
+            col = np.ascontiguousarray(self.shard_docs(i)[:, 0], dtype=np.int64)
+            self._docs[i] = col
+            if len(self._docs) > self._max_open:
+                self._docs.popitem(last=False)
+        else:
+            self._docs.move_to_end(i)
+        return col
 
     def read(self, start: int, out: np.ndarray) -> None:
         """Copy tokens [start, start + len(out)) of the concatenated stream into `out`."""
@@ -284,25 +301,65 @@ class TokenStore:
             pos += take
             i += 1
 
+    def read_windows(self, starts: np.ndarray, out: np.ndarray, rows: np.ndarray | None = None) -> None:
+        """out[r] = tokens [starts[j], starts[j] + L) for each row r = rows[j] (default: j)."""
+        length = out.shape[1]
+        rows = np.arange(len(starts)) if rows is None else rows
+        shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        for j, (s, i) in enumerate(zip(starts.tolist(), shard.tolist())):
+            local = s - int(self.offsets[i])
+            if local + length <= self.shards[i]["tokens"]:
+                out[rows[j]] = self.shard_tokens(i)[local : local + length]
+            else:  # the window runs into the next shard
+                self.read(s, out[rows[j]])
+
     def doc_starts(self, start: int, stop: int) -> np.ndarray:
         """Global offsets of the documents that start inside [start, stop)."""
         out = []
         i = int(np.searchsorted(self.offsets, start, side="right")) - 1
         while i < len(self.shards) and self.offsets[i] < stop:
             base = int(self.offsets[i])
-            starts = self.shard_docs(i)[:, 0].astype(np.int64)
-            lo = np.searchsorted(starts, start - base, side="left")
-            hi = np.searchsorted(starts, stop - base, side="left")
-            out.append(starts[lo:hi] + base)
+            col = self.doc_column(i)
+            lo = np.searchsorted(col, start - base, side="left")
+            hi = np.searchsorted(col, stop - base, side="left")
+            out.append(col[lo:hi] + base)
             i += 1
         return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def inner_doc_starts(self, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Documents starting strictly inside windows [s, s + length): (window index, offset in it).
+
+        Vectorised per shard: one searchsorted for all windows of a batch that lie in one shard.
+        """
+        shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        rows, offs = [], []
+        for i in np.unique(shard).tolist():
+            m = np.nonzero(shard == i)[0]
+            base = int(self.offsets[i])
+            col = self.doc_column(i)
+            local = starts[m] - base
+            lo = np.searchsorted(col, local + 1, side="left")
+            hi = np.searchsorted(col, local + length, side="left")
+            counts = hi - lo
+            if counts.sum():
+                first = np.repeat(lo - (np.cumsum(counts) - counts), counts)
+                idx = np.arange(int(counts.sum())) + first
+                rows.append(np.repeat(m, counts))
+                offs.append(col[idx] - np.repeat(local, counts))
+            for j in m[local + length > self.shards[i]["tokens"]].tolist():  # runs into later shards
+                s = int(starts[j])
+                extra = self.doc_starts(base + self.shards[i]["tokens"], s + length) - s
+                rows.append(np.full(len(extra), j))
+                offs.append(extra)
+        if not rows:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(rows).astype(np.int64), np.concatenate(offs).astype(np.int64)
 
     def locate(self, pos: int) -> tuple[str, int, int]:
         """(source file, record number, token offset in that document) of global token `pos`."""
         i = int(np.searchsorted(self.offsets, pos, side="right")) - 1
         local = pos - int(self.offsets[i])
-        docs = self.shard_docs(i)
-        j = int(np.searchsorted(docs[:, 0].astype(np.int64), local, side="right")) - 1
-        start, src, rec = (int(x) for x in docs[j])
+        j = int(np.searchsorted(self.doc_column(i), local, side="right")) - 1
+        start, src, rec = (int(x) for x in self.shard_docs(i)[j])
         source = self.sources[src]
         return (source["path"] if isinstance(source, dict) else str(source)), rec, local - start
