@@ -289,17 +289,26 @@ class Checkpointer:
         choice = _broadcast(choice)
         return Path(choice) if choice else None
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore model, optimizer and RNG in place; returns the trainer state."""
+    def trainer_state(self, path: Path) -> dict:
+        """The run state saved with a checkpoint (step, data position, config), verified first."""
         rank, _ = _dist()
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist", hint="--checkpoint.load takes a step-N directory")
         problem = verify(path, self.checksums) if rank == 0 else None
         problem = _broadcast(problem)
         if problem:
             raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
         try:
-            trainer_state = torch.load(path / "trainer.pt", weights_only=False)
+            return torch.load(path / "trainer.pt", weights_only=False)
         except Exception as e:
             raise CheckpointError(f"checkpoint {path}: trainer.pt is unreadable: {e}") from None
+
+    def load(self, path: Path, model, optimizer, trainer_state: dict | None = None) -> dict:
+        """Restore model, optimizer and RNG in place; returns the trainer state (verified and read
+        here unless the caller already did so with `trainer_state()`)."""
+        rank, _ = _dist()
+        if trainer_state is None:
+            trainer_state = self.trainer_state(path)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         try:
             dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))

@@ -88,7 +88,7 @@ class Trainer:
         )
         resume_from = self._resume_path()
         if resume_from is not None:
-            saved = torch.load(resume_from / "trainer.pt", weights_only=False)
+            saved = self.checkpointer.trainer_state(resume_from)
             notes = check_resume_compatible(saved.get("config", {}), cfg, FROZEN_KEYS)
             for n in notes:
                 self._say(n)
@@ -110,7 +110,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.step, self.tokens, self.elapsed, self.bad_steps_total = 0, 0, 0.0, 0
         if resume_from is not None:
-            self._load(resume_from)
+            self._load(resume_from, saved)
         self.logger = MetricsLogger(
             cfg.log, self.run_dir, world.is_main, self.total_steps, self.step, cfg.to_dict()
         )
@@ -179,8 +179,8 @@ class Trainer:
             return lambda: torch.autocast(self.world.device.type, dtype=torch.bfloat16)
         return nullcontext
 
-    def _load(self, path: Path) -> None:
-        state = self.checkpointer.load(path, self.model, self.optimizer)
+    def _load(self, path: Path, saved: dict) -> None:
+        state = self.checkpointer.load(path, self.model, self.optimizer, saved)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.bad_steps_total = state.get("bad_steps", 0)

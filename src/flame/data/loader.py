@@ -46,22 +46,24 @@ class PreparedBatches(IterableDataset):
         src, starts = self.source.locate(ks)
         out = np.empty((len(ks), self.L), dtype=np.int64)
         stores = [p.store for p in self.source.parts]
-        for s in np.unique(src).tolist():
-            rows = np.nonzero(src == s)[0]
-            stores[s].read_windows(starts[rows], out, rows)
-        ids = torch.from_numpy(out)
-        batch = {"input_ids": ids, "samples": torch.from_numpy(ks)}
+        if len(stores) == 1:
+            stores[0].read_windows(starts, out)
+        else:
+            for s in np.unique(src).tolist():
+                rows = np.nonzero(src == s)[0]
+                stores[s].read_windows(starts[rows], out, rows)
+        batch = {"input_ids": torch.from_numpy(out), "samples": torch.from_numpy(ks)}
         if self.varlen:
-            cu, pos = varlen_fields(stores, src, starts, self.L)
-            flat = ids.view(1, -1)
-            labels = flat.clone()
-            labels[0, torch.from_numpy(cu[1:-1].astype(np.int64))] = -100  # no prediction across a boundary
+            cu, pos, longest = varlen_fields(stores, src, starts, self.L)
+            flat = out.reshape(1, -1)
+            labels = flat.copy()
+            labels[0, cu[1:-1]] = -100  # no prediction across a boundary
             batch.update(
-                input_ids=flat,
-                labels=labels,
+                input_ids=torch.from_numpy(flat),
+                labels=torch.from_numpy(labels),
                 position_ids=torch.from_numpy(pos).view(1, -1),
                 cu_seqlens=torch.from_numpy(cu),
-                max_seqlen=int(np.diff(cu).max()),
+                max_seqlen=longest,
             )
         return batch
 

@@ -105,19 +105,23 @@ class SampleSource:
 
 def varlen_fields(
     stores: list[TokenStore], src: np.ndarray, starts: np.ndarray, context_len: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """cu_seqlens (int32) and position_ids of B windows flattened to one row of B*L tokens.
-
-    A segment starts at every window start and at every document start inside a window.
-    """
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """cu_seqlens (int32), position_ids and the longest segment of B windows flattened to one
+    row of B*L tokens. A segment starts at every window start and every document start inside."""
     n = len(starts)
-    cuts = [np.arange(n, dtype=np.int64) * context_len]
-    for s in np.unique(src).tolist():
-        m = np.nonzero(src == s)[0]
-        rows, offs = stores[s].inner_doc_starts(starts[m], context_len)
-        cuts.append(m[rows] * context_len + offs)
     total = n * context_len
-    cu = np.concatenate([np.sort(np.concatenate(cuts)), [total]]).astype(np.int32)
+    cuts = [np.arange(0, total + 1, context_len, dtype=np.int64)]  # window starts, and the end
+    if len(stores) == 1:
+        rows, offs = stores[0].inner_doc_starts(starts, context_len)
+        cuts.append(rows * context_len + offs)
+    else:
+        for s in np.unique(src).tolist():
+            m = np.nonzero(src == s)[0]
+            rows, offs = stores[s].inner_doc_starts(starts[m], context_len)
+            cuts.append(m[rows] * context_len + offs)
+    cu = np.concatenate(cuts)
+    cu.sort()
     seg_len = np.diff(cu)
-    pos = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1].astype(np.int64), seg_len)
-    return cu, pos
+    pos = np.arange(total, dtype=np.int64)
+    pos -= np.repeat(cu[:-1], seg_len)
+    return cu.astype(np.int32), pos, int(seg_len.max())

@@ -198,6 +198,7 @@ class TokenStore:
             )
         sizes = np.array([s["tokens"] for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # shard i covers [offsets[i], offsets[i+1])
+        self._sizes = sizes
         self.num_tokens = int(self.offsets[-1])
         self.num_documents = int(self.manifest["num_documents"])
         self._open: OrderedDict[int, np.memmap] = OrderedDict()
@@ -304,14 +305,20 @@ class TokenStore:
     def read_windows(self, starts: np.ndarray, out: np.ndarray, rows: np.ndarray | None = None) -> None:
         """out[r] = tokens [starts[j], starts[j] + L) for each row r = rows[j] (default: j)."""
         length = out.shape[1]
-        rows = np.arange(len(starts)) if rows is None else rows
+        rows = range(len(starts)) if rows is None else rows.tolist()
         shard = np.searchsorted(self.offsets, starts, side="right") - 1
-        for j, (s, i) in enumerate(zip(starts.tolist(), shard.tolist())):
-            local = s - int(self.offsets[i])
-            if local + length <= self.shards[i]["tokens"]:
-                out[rows[j]] = self.shard_tokens(i)[local : local + length]
+        local = starts - self.offsets[shard]
+        inside = local + length <= self._sizes[shard]
+        if shard[0] == shard[-1] and inside.all() and (shard == shard[0]).all():  # the common case
+            arr = self.shard_tokens(int(shard[0]))
+            for r, lo in zip(rows, local.tolist()):
+                out[r] = arr[lo : lo + length]
+            return
+        for r, s, i, lo, ok in zip(rows, starts.tolist(), shard.tolist(), local.tolist(), inside.tolist()):
+            if ok:
+                out[r] = self.shard_tokens(i)[lo : lo + length]
             else:  # the window runs into the next shard
-                self.read(s, out[rows[j]])
+                self.read(s, out[r])
 
     def doc_starts(self, start: int, stop: int) -> np.ndarray:
         """Global offsets of the documents that start inside [start, stop)."""
@@ -332,27 +339,38 @@ class TokenStore:
         Vectorised per shard: one searchsorted for all windows of a batch that lie in one shard.
         """
         shard = np.searchsorted(self.offsets, starts, side="right") - 1
+        first, last = int(shard.min()), int(shard.max())
+        groups = (
+            [(first, None)]
+            if first == last
+            else [(i, np.nonzero(shard == i)[0]) for i in np.unique(shard).tolist()]
+        )
         rows, offs = [], []
-        for i in np.unique(shard).tolist():
-            m = np.nonzero(shard == i)[0]
+        for i, m in groups:
             base = int(self.offsets[i])
             col = self.doc_column(i)
-            local = starts[m] - base
-            lo = np.searchsorted(col, local + 1, side="left")
-            hi = np.searchsorted(col, local + length, side="left")
+            local = (starts if m is None else starts[m]) - base
+            lo = col.searchsorted(local + 1)
+            hi = col.searchsorted(local + length)
             counts = hi - lo
-            if counts.sum():
-                first = np.repeat(lo - (np.cumsum(counts) - counts), counts)
-                idx = np.arange(int(counts.sum())) + first
-                rows.append(np.repeat(m, counts))
-                offs.append(col[idx] - np.repeat(local, counts))
-            for j in m[local + length > self.shards[i]["tokens"]].tolist():  # runs into later shards
-                s = int(starts[j])
-                extra = self.doc_starts(base + self.shards[i]["tokens"], s + length) - s
-                rows.append(np.full(len(extra), j))
-                offs.append(extra)
+            total = int(counts.sum())
+            idx = np.arange(len(local)) if m is None else m
+            if total:
+                ends = counts.cumsum()
+                take = np.arange(total) + np.repeat(lo - (ends - counts), counts)
+                rows.append(np.repeat(idx, counts))
+                offs.append(col[take] - np.repeat(local, counts))
+            over = local + length > self.shards[i]["tokens"]
+            if over.any():  # windows that run into later shards
+                for j in idx[over].tolist():
+                    s = int(starts[j])
+                    extra = self.doc_starts(base + self.shards[i]["tokens"], s + length) - s
+                    rows.append(np.full(len(extra), j))
+                    offs.append(extra)
         if not rows:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        if len(rows) == 1:
+            return rows[0], offs[0]
         return np.concatenate(rows).astype(np.int64), np.concatenate(offs).astype(np.int64)
 
     def locate(self, pos: int) -> tuple[str, int, int]:
