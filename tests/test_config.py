@@ -54,6 +54,7 @@ def test_negative_number_value():
         (["--data.store", "/no/such/store"], "no such directory"),
         (["--optim.schedule", "cosin"], "did you mean cosine?"),
         (["--train.compile", "maybe"], "expected true or false"),
+        (["--model.overrides", '{"rope_scaling": null}'], "null at rope_scaling"),
     ],
 )
 def test_cli_mistakes(args, expect):

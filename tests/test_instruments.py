@@ -335,6 +335,14 @@ def test_plot_errors_are_clear(run, tmp_path, capsys):
     assert main(["plot", str(run), "--metrics", "loss,los"]) == 1
     err = capsys.readouterr().err
     assert "los appear in none of the runs" in err and "available:" in err
+    (tmp_path / "a-file").write_text("")
+    assert main(["plot", str(run), "-o", str(tmp_path / "a-file" / "x.png")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["plot", str(run), "-o", str(tmp_path / "x.nosuchformat")]) == 1
+    assert "end --out with .png" in capsys.readouterr().err
+    assert main(["plot", str(run), "-o", str(tmp_path / "noext")]) == 0
+    assert f"wrote {tmp_path / 'noext.png'}" in capsys.readouterr().out  # the file savefig wrote
+    assert (tmp_path / "noext.png").is_file()
 
 
 # ---------------------------------------------------------------- flame inspect
@@ -450,3 +458,15 @@ def test_generate_from_a_run_and_from_a_model_directory(run, tmp_path, capsys):
     assert main(["generate", str(run), "--step", "4", "--prompt", "It", "--max-tokens", "5"]) == 0
     assert main(["generate", str(run), "--step", "3"]) == 1
     assert "no checkpoint of step 3" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_checkpoint_that_does_not_fit(run, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    cfg = other / "config.toml"
+    cfg.write_text(cfg.read_text().replace('"hidden_size" = 32', '"hidden_size" = 64'))
+    assert main(["generate", str(other), "--max-tokens", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit the model of" in err and "Size mismatch" in err, err

@@ -267,11 +267,24 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, corpus):
         ("garbage", ["--data.inputs", "{d}/bad.jsonl", "--data.bad_records", "error"], "bad.jsonl:1"),
         ("tokenizer", ["--data.tokenizer", "{d}/tok.json"], "tok.json"),
         ("model", ["--model.name", "{d}/config.json"], "config.json"),
+        ("run dir", ["--train.run_dir", "{d}/empty.txt"], "is a file, not a directory"),
+        ("checkpoint", ["--checkpoint.load", "{d}/empty.txt"], "is a file, not a directory"),
+        (
+            "override type",
+            ["--data.inputs", "{d}/ok.txt", "--model.overrides", '{{"hidden_size": "big"}}'],
+            "model.overrides",
+        ),
+        (
+            "override size",
+            ["--data.inputs", "{d}/ok.txt", "--model.overrides", '{{"hidden_size": 0}}'],
+            "model.overrides",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, setup, args, expect):
     d = tmp_path
     (d / "empty.txt").write_text("")
+    (d / "ok.txt").write_text("a short document " * 40)
     (d / "bad.jsonl").write_bytes(b"\x00\xff\xfe garbage\n{not json\n")
     (d / "tok.json").write_text("{this is not a tokenizer")
     (d / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"')

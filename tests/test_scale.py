@@ -343,6 +343,9 @@ def test_export_errors(tmp_path, corpus_m, capsys):
     assert main(["export", str(empty), "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "has no complete checkpoint" in err and "Traceback" not in err
+    (tmp_path / "a-file").write_text("")
+    assert main(["export", str(empty), "--out", str(tmp_path / "a-file")]) == 1
+    assert "is a file, not a directory" in capsys.readouterr().err
 
     # a custom (non-transformers) model: the weights as safetensors, and a clear error
     run = tmp_path / "custom"

@@ -139,16 +139,17 @@ class Checkpointer:
         self.wait()
         rank, world = _dist()
         final = step_dir(self.root, step)
-        tmp = _broadcast(
-            final.with_name(final.name + f".tmp{os.getpid()}-{int(time.time())}") if rank == 0 else None
-        )
+        made = None
         if rank == 0:
+            tmp = final.with_name(final.name + f".tmp{os.getpid()}-{int(time.time())}")
             try:
                 tmp.mkdir(parents=True, exist_ok=False)
+                made = (tmp, None)
             except OSError as e:
-                raise CheckpointError(f"cannot create checkpoint directory {tmp}: {e}") from None
-        if dist.is_initialized():
-            dist.barrier()
+                made = (tmp, f"cannot create checkpoint directory {tmp}: {e}")
+        tmp, problem = _broadcast(made)  # the others wait for the directory, and fail with rank 0
+        if problem:
+            raise CheckpointError(problem)
         try:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
@@ -293,7 +294,10 @@ class Checkpointer:
         """The run state saved with a checkpoint (step, data position, config), verified first."""
         rank, _ = _dist()
         if not path.is_dir():
-            raise CheckpointError(f"checkpoint {path} does not exist", hint="--checkpoint.load takes a step-N directory")
+            what = "is a file, not a directory" if path.exists() else "does not exist"
+            raise CheckpointError(
+                f"checkpoint {path} {what}", hint="--checkpoint.load takes a step-N directory"
+            )
         problem = verify(path, self.checksums) if rank == 0 else None
         problem = _broadcast(problem)
         if problem:
@@ -314,7 +318,7 @@ class Checkpointer:
             dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / "state"))
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             raise CheckpointError(
-                f"checkpoint {path} does not fit this model: {str(e).strip().splitlines()[-1][:300]}",
+                f"checkpoint {path} does not fit this model: {_last_line(e)}",
                 hint="resume with the model settings it was saved with, or start a new run directory",
             ) from None
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
@@ -329,8 +333,18 @@ def full_model_state(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_model_weights(path: Path, model) -> None:
-    """Load only the model part of a checkpoint (for export, generate, evaluation)."""
+def _last_line(e: BaseException) -> str:
+    """The line of a DCP error that names the real problem (it wraps each rank's traceback)."""
+    lines = str(e).strip().splitlines()
+    return lines[-1][:300] if lines else type(e).__name__
+
+
+def load_model_weights(path: Path, model, what: str = "this model") -> None:
+    """Load only the model part of a checkpoint (for export, generate, evaluation); a checkpoint
+    that does not fit `what` is a CheckpointError."""
     sd = get_model_state_dict(model)
-    dcp.load({"model": sd}, checkpoint_id=str(path / "state"))
-    model.load_state_dict(sd)
+    try:
+        dcp.load({"model": sd}, checkpoint_id=str(path / "state"))
+        model.load_state_dict(sd)
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        raise CheckpointError(f"checkpoint {path} does not fit {what}: {_last_line(e)}") from None

@@ -449,6 +449,12 @@ def validate(cfg: Config) -> list[str]:
     positive("eval.batches", cfg.eval.batches)
     positive("model.vocab_size", cfg.model.vocab_size, zero_ok=True)
     positive("model.flops_per_token", cfg.model.flops_per_token, zero_ok=True)
+    nulls = _null_keys(cfg.model.overrides)
+    if nulls:
+        p.append(
+            f"model.overrides: null at {', '.join(nulls)}, which TOML (the saved config.toml) cannot "
+            "hold: leave the key out to keep the model's default"
+        )
     if t.max_steps == 0 and t.max_tokens == 0:
         p.append(
             "train.max_steps and train.max_tokens are both 0: set one of them (e.g. --train.max_steps 1000)"
@@ -492,6 +498,17 @@ def validate(cfg: Config) -> list[str]:
             f"data.tokenizer: no such file or directory '{d.tokenizer}' (use 'byte' for the built-in tokenizer)"
         )
     return p
+
+
+def _null_keys(value: Any, path: str = "") -> list[str]:
+    """Dotted keys of a nested dict/list whose value is None (a JSON null TOML cannot write)."""
+    if value is None:
+        return [path or "the value"]
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in _null_keys(v, f"{path}.{key}" if path else str(key))]
+    if isinstance(value, list):
+        return [k for i, v in enumerate(value) for k in _null_keys(v, f"{path}[{i}]")]
+    return []
 
 
 def _input_exists(spec: str) -> bool:

@@ -98,6 +98,8 @@ def export(
     if dtype not in DTYPES:
         raise FlameError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FlameError(f"--out {out} is a file, not a directory", hint="choose another --out")
     if out.exists() and any(out.iterdir()) and not force:
         raise FlameError(f"--out {out} exists and is not empty", hint="choose another --out, or pass --force")
     ckpt = find_checkpoint(run_dir, step)
@@ -109,14 +111,7 @@ def export(
     tok = _tokenizer(cfg, run)
     torch.manual_seed(0)
     model = build_for_export(cfg, tok.vocab_size)
-    try:
-        load_model_weights(ckpt, model)
-    except BaseException as e:  # DCP's CheckpointException is a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise CheckpointError(
-            f"checkpoint {ckpt} does not fit the model its config describes: {str(e).strip().splitlines()[-1][:300]}"
-        ) from None
+    load_model_weights(ckpt, model, "the model its config describes")
     model = model.to(DTYPES[dtype]).eval()
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -447,12 +447,7 @@ def load_for_generation(path: str | Path, step: int | None, device: torch.device
         tok = resolve_tokenizer(cfg)
         cfg.model.init_from = ""  # the checkpoint's weights replace them anyway
         model = build_model(cfg.model, tok.vocab_size, cfg.data.context_len)
-        try:
-            load_model_weights(ckpt, model)
-        except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {ckpt} does not fit the model of {path}/config.toml: {str(e).splitlines()[0][:300]}"
-            ) from None
+        load_model_weights(ckpt, model, f"the model of {path}/config.toml")
         return model.to(device), tok, cfg.data.context_len, f"{ckpt}"
     if (path / "config.json").is_file():
         if step is not None:

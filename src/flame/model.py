@@ -55,7 +55,10 @@ def _hf_config(cfg: ModelConfig, vocab_size: int, context_len: int):
             **PRESETS[cfg.name],
         )
         _check_overrides(LlamaConfig(), cfg.overrides)
-        return LlamaConfig(**{**fields, **cfg.overrides})
+        try:
+            return LlamaConfig(**{**fields, **cfg.overrides})
+        except Exception as e:  # transformers' strict config fields raise their own types
+            raise ConfigError(f"model.overrides: the {cfg.name} preset rejects them: {_reason(e)}") from None
     path = Path(cfg.name)
     if path.is_dir():
         path = path / "config.json"
@@ -88,6 +91,14 @@ def _hf_config(cfg: ModelConfig, vocab_size: int, context_len: int):
         raise ConfigError(f"model.name: transformers cannot read {path}: {str(e)[:300]}") from None
 
 
+def _reason(e: BaseException) -> str:
+    """The informative line of a (possibly multi-line, wrapped) exception message."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if len(lines) > 1:  # a wrapper whose last line names the real error
+        return lines[-1][:300]
+    return f"{type(e).__name__}: {lines[0]}"[:300] if lines else type(e).__name__
+
+
 def _check_overrides(hf, overrides: dict) -> None:
     unknown = [k for k in overrides if not hasattr(hf, k)]
     if unknown:
@@ -106,9 +117,15 @@ def build_model(cfg: ModelConfig, tokenizer_vocab: int, context_len: int) -> nn.
 
         hf = _hf_config(cfg, cfg.vocab_size or tokenizer_vocab, context_len)
         try:
-            model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
-        except ValueError:
-            model = AutoModelForCausalLM.from_config(hf)
+            try:
+                model = AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+            except ValueError:
+                model = AutoModelForCausalLM.from_config(hf)
+        except Exception as e:  # impossible sizes or values, often from model.overrides
+            edited = " with model.overrides" if cfg.overrides else ""
+            raise ConfigError(
+                f"model.name = {cfg.name!r}{edited}: transformers cannot build the model: {_reason(e)}"
+            ) from None
     _reconcile_vocab(model, cfg, tokenizer_vocab)
     return model
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from flame.config import ParallelConfig, TrainConfig
-from flame.errors import ConfigError
+from flame.errors import ConfigError, FlameError
 
 INIT_MODES = ("auto", "rank0", "meta")
 
@@ -42,6 +42,7 @@ class World:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # init_world started the process group, so shutdown() ends it
 
     @property
     def is_main(self) -> bool:
@@ -68,6 +69,7 @@ def init_world(pcfg: ParallelConfig, tcfg: TrainConfig) -> World:
     if want_cuda:
         torch.cuda.set_device(device)
     backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if want_cuda else "gloo")
+    owns = not dist.is_initialized() and (world_size > 1 or pcfg.strategy in ("ddp", "fsdp"))
     if not dist.is_initialized():
         if world_size > 1:
             dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
@@ -76,7 +78,7 @@ def init_world(pcfg: ParallelConfig, tcfg: TrainConfig) -> World:
                 dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
             else:
                 dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    return World(rank, world_size, local_rank, device)
+    return World(rank, world_size, local_rank, device, owns)
 
 
 def strategy_of(pcfg: ParallelConfig, world: World) -> str:
@@ -292,11 +294,41 @@ def all_reduce_mean(t: torch.Tensor, world: World) -> torch.Tensor:
     return t
 
 
-def barrier(world: World) -> None:
+def cpu_group(world: World):
+    """A process group for small votes on CPU tensors (every rank must call this, in step):
+    None (the default group) when that is gloo already, else a gloo group of every rank. A vote
+    on it never waits for the device to finish its queued work, as a .item() of a CUDA tensor does.
+    """
+    if not world.distributed or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def on_main_rank(world: World, fn):
+    """Run `fn` on rank 0 only; when it raises a FlameError, every rank raises one.
+
+    The other ranks would otherwise wait in their next collective for a rank that has left.
+    Returns fn's result on rank 0, None elsewhere.
+    """
+    result, error = None, None
+    if world.is_main:
+        try:
+            result = fn()
+        except FlameError as e:
+            error = e
+    failure = None if error is None else (error.message, error.hint)
     if world.distributed:
-        dist.barrier()
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise FlameError(f"rank 0 stopped: {failure[0]}", failure[1])
+    return result
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
+def shutdown(world: World) -> None:
+    """End the process group init_world started (not one the caller set up)."""
+    if world.owns_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -150,9 +150,19 @@ def plot_runs(
     axes[-1, 0].set_xlabel(X_LABELS[x])
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)  # no bbox_inches="tight": the image keeps the requested size
-    plt.close(fig)
+    if out.is_dir():
+        out = out / "metrics.png"
+    elif not out.suffix:
+        out = out.with_name(out.name + ".png")  # what savefig writes; the path returned must say so
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=dpi)  # no bbox_inches="tight": the image keeps the requested size
+    except OSError as e:
+        raise FlameError(f"cannot write {out}: {e.strerror or e}", hint="choose another --out") from None
+    except ValueError as e:  # an image format matplotlib does not write
+        raise FlameError(f"cannot write {out}: {e}", hint="end --out with .png (or .svg, .pdf)") from None
+    finally:
+        plt.close(fig)
     return out
 
 

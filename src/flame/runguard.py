@@ -39,6 +39,26 @@ class RunLock:
         os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
         self._fd = fd
 
+    @classmethod
+    def claim(cls, run_dir: Path) -> RunLock:
+        """Create the run directory if needed and lock it, with a clear error when it cannot be."""
+        run_dir = Path(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise FlameError(
+                f"train.run_dir '{run_dir}' is a file, not a directory",
+                hint="choose another --train.run_dir",
+            ) from None
+        except OSError as e:
+            raise FlameError(
+                f"cannot create train.run_dir '{run_dir}': {e.strerror or e}",
+                hint="choose another --train.run_dir, or fix the permissions of its parent",
+            ) from None
+        lock = cls(run_dir)
+        lock.acquire()
+        return lock
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

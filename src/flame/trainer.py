@@ -26,9 +26,12 @@ from flame.parallel import (
     all_reduce_mean,
     build_context,
     clip_grad_norm,
+    cpu_group,
     init_mode,
     init_world,
     main_rank_copy,
+    on_main_rank,
+    shutdown,
     strategy_of,
     wrap_model,
 )
@@ -74,10 +77,8 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
-        if world.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.lock = RunLock(self.run_dir)
-            self.lock.acquire()
+        self.lock = on_main_rank(world, lambda: RunLock.claim(self.run_dir))  # every rank stops on an error
+        self._votes = cpu_group(world)  # the per-step stop vote, without a device sync
         self._say(f"run directory: {self.run_dir.resolve()}")
         self.checkpointer = Checkpointer(
             self.run_dir,
@@ -225,8 +226,8 @@ class Trainer:
     def _should_stop(self) -> bool:
         flag = self.stop_signal is not None
         if self.world.distributed:  # every rank must stop at the same step
-            t = torch.tensor([1.0 if flag else 0.0], device=self.world.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            t = torch.tensor([1.0 if flag else 0.0])  # on the CPU: the vote waits for no GPU work
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._votes)
             flag = bool(t.item())
         return flag
 
@@ -297,7 +298,7 @@ class Trainer:
             self.tokens += tokens_per_step
             win_loss += step_loss
             win_steps += 1
-            if consecutive_bad >= max(1, t.max_bad_steps) and not ok:
+            if t.max_bad_steps and consecutive_bad >= t.max_bad_steps and not ok:
                 self._say(f"stopping: {consecutive_bad} consecutive steps had a non-finite or spiking loss")
                 stopped = "diverged"
                 self.save()
@@ -329,8 +330,6 @@ class Trainer:
                 self.evaluate()
             self.save()
         self.logger.close()
-        if self.batch_log is not None:
-            self.batch_log.close()
         return {"step": self.step, "stopped": stopped, "loss": last_loss}
 
     def _clip(self) -> torch.Tensor:
@@ -418,7 +417,9 @@ class Trainer:
         logger = getattr(self, "logger", None)
         if logger is not None:  # after an error too: stops a live progress bar, closes sinks
             logger.close()
-        if self.world.is_main and getattr(self, "lock", None):
+        if getattr(self, "batch_log", None) is not None:
+            self.batch_log.close()
+        if getattr(self, "lock", None):
             self.lock.release()
 
 
@@ -444,9 +445,11 @@ def run_training(cfg: Config, callbacks: list | None = None) -> dict:
             if model is not None:
                 text = sample_text(model, trainer.tok, "", cfg.train.sample_tokens, trainer.world.device)
                 print("sample:\n" + text)
-        return result
     finally:
         trainer.close()
+    # after a clean finish only: after an error another rank may still be inside a collective
+    shutdown(trainer.world)
+    return result
 
 
 __all__ = ["Trainer", "run_training", "config_from_dict", "CheckpointError", "FlameError"]

@@ -11,7 +11,7 @@ from flame.config import Config
 from flame.data.store import TokenStore
 from flame.data.tokenizer import Tokenizer, load_tokenizer
 from flame.errors import DataError
-from flame.parallel import World, barrier
+from flame.parallel import World, on_main_rank
 
 DEFAULT_INPUTS = ["stdlib"]  # the running interpreter's standard library: text that needs no download
 
@@ -40,7 +40,10 @@ def prepared_store(inputs: list[str], cfg: Config, tok: Tokenizer, run_dir: Path
     paths = expand_inputs(inputs)
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data"
     out = root / f"store-{_cache_key(paths, tok, cfg.data.text_field)}"
-    if world.is_main and not (out / "manifest.json").is_file():
+
+    def make() -> None:
+        if (out / "manifest.json").is_file():
+            return
         log(f"preparing {len(paths)} input file(s) into {out} (once; later runs reuse it)")
         prepare(
             inputs,
@@ -52,7 +55,8 @@ def prepared_store(inputs: list[str], cfg: Config, tok: Tokenizer, run_dir: Path
             max_bad_fraction=cfg.data.max_bad_fraction,
             progress=False,
         )
-    barrier(world)
+
+    on_main_rank(world, make)  # the others wait for it, and stop too when it fails
     return out
 
 

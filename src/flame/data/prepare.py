@@ -262,7 +262,13 @@ def _check_settings(output: Path, settings: dict) -> None:
                 hint="prepare into a new --output directory, or delete this one to start over",
             )
     else:
-        output.mkdir(parents=True, exist_ok=True)
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            what = (
+                "is a file, not a directory" if output.is_file() else f"cannot be created: {e.strerror or e}"
+            )
+            raise DataError(f"store directory {output} {what}", hint="choose another --output") from None
         store._atomic_write_json(p, settings)
 
 
@@ -562,6 +568,8 @@ def cli(argv: list[str]) -> int:
         return 0 if complete else 1
     if not args.input or not args.output:
         _parser().error("--input and --output are required (or --status STORE)")
+    if not args.unit_mb > 0:
+        _parser().error(f"--unit-mb {args.unit_mb} must be > 0")
     prepare(
         args.input,
         args.tokenizer,
