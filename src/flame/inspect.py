@@ -20,6 +20,7 @@ import torch
 
 from flame.config import Config, config_from_dict
 from flame.errors import CheckpointError, DataError, FlameError
+from flame.records import read_records
 
 
 def _err(msg: str) -> None:
@@ -214,32 +215,13 @@ def run_loader(s: RunSettings, stores: list, weights: list[float] | None, rank: 
 def _recorded(run_dir: Path, rank: int, step: int) -> dict[int, dict]:
     """What the run itself recorded (with --log.batches true) for `step` on `rank`, by micro-step."""
     path = run_dir / "batches" / f"rank-{rank}.jsonl"
-    out: dict[int, dict] = {}
-    if not path.is_file():
-        return out
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step") == step:
-                out[int(rec.get("micro", 0))] = rec
-    return out
+    return {int(rec.get("micro", 0)): rec for rec in read_records(path) if rec.get("step") == step}
 
 
 def _trained_steps(run_dir: Path) -> int:
     """The last step metrics.jsonl records (0 when none)."""
-    path = run_dir / "metrics.jsonl"
-    last = 0
-    if path.is_file():
-        with open(path) as f:
-            for line in f:
-                try:
-                    last = max(last, int(json.loads(line).get("step", 0)))
-                except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
-                    continue
-    return last
+    steps = [r.get("step") for r in read_records(run_dir / "metrics.jsonl")]
+    return max((s for s in steps if isinstance(s, int)), default=0)
 
 
 def _documents(store, start: int, length: int) -> list[dict]:

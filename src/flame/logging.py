@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from flame.config import LogConfig
+from flame.records import read_records
 
 # Dense bf16 peak FLOP/s of one device, by a substring of torch.cuda.get_device_name().
 # Order matters: the first match wins, so more specific names come first.
@@ -63,15 +64,10 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
     if not path.is_file():
         return 0
     keep, seen = [], 0
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
-            seen = max(seen, int(rec.get("step", 0)))
-            if rec.get("step", 0) <= last_step:
-                keep.append(json.dumps(rec) + "\n")
+    for rec in read_records(path):
+        seen = max(seen, int(rec.get("step", 0)))
+        if rec.get("step", 0) <= last_step:
+            keep.append(json.dumps(rec) + "\n")
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.writelines(keep)

@@ -7,12 +7,12 @@ tokens/s by default); every run is one colour, labelled with its run directory's
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 
 from flame.errors import FlameError
+from flame.records import read_records
 
 DEFAULT_METRICS = ("loss", "lr", "tokens_per_s")
 TITLES = {
@@ -40,14 +40,9 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             hint="give the run directory of a `flame train` run (its --train.run_dir) that logged a step",
         )
     by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash mid-write
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                by_kind.setdefault(rec.get("kind", "train"), {})[rec["step"]] = rec
+    for rec in read_records(path):
+        if isinstance(rec.get("step"), int):
+            by_kind.setdefault(rec.get("kind", "train"), {})[rec["step"]] = rec
     train = [by_kind["train"][s] for s in sorted(by_kind["train"])]
     evals = [by_kind["eval"][s] for s in sorted(by_kind["eval"])]
     if not train and not evals:
