@@ -126,6 +126,7 @@ class Checkpointer:
         self._pending: dict | None = None  # a background save not yet sealed
         self._group = None  # gloo groups of their own: the background writer's collectives,
         self._control = None  # and the main thread's "has every rank finished writing?" votes
+        self._verified: set[Path] = set()  # checked by find_latest: not hashed a second time on load
 
     def save(self, step: int, model, optimizer, trainer_state: dict, background: bool = False) -> Path:
         """Write a checkpoint of `step` on every rank; returns its directory.
@@ -282,6 +283,7 @@ class Checkpointer:
                 problem = verify(path, self.checksums)
                 if problem is None:
                     choice = str(path)
+                    self._verified.add(path)
                     break
                 self.log(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one")
             incomplete = [p for p in self.root.glob("step-*.tmp*")] if self.root.is_dir() else []
@@ -298,7 +300,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {path} {what}", hint="--checkpoint.load takes a step-N directory"
             )
-        problem = verify(path, self.checksums) if rank == 0 else None
+        problem = verify(path, self.checksums) if rank == 0 and path not in self._verified else None
         problem = _broadcast(problem)
         if problem:
             raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
