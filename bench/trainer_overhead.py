@@ -60,17 +60,21 @@ def bare_parts(cfg, vocab: int):
     return model, opt, sched
 
 
-def one_repeat(store: Path, run_dir: Path, shape: Shape, steps: int) -> tuple[list[float], list[float]]:
-    """(flame step seconds, mean seconds of the bare steps run right before and after each)."""
+def one_repeat(store: Path | str, run_dir: Path, shape: Shape, steps: int) -> tuple[list[float], list[float]]:
+    """(flame step seconds, mean seconds of the bare steps run right before and after each).
+
+    `store` is a store path, or a `data.mix` spec (flame then also does per-source accounting).
+    """
     import torch
 
     from flame.config import load_config
     from flame.data.build import build_loader, resolve_tokenizer
     from flame.trainer import Trainer
 
+    source = {"data.mix": store} if isinstance(store, str) else {"data.store": str(store)}
     cfg = load_config(
         overrides={
-            "data.store": str(store),
+            **source,
             "data.context_len": shape.context,
             "data.batch_size": shape.batch,
             "model.overrides": shape.overrides(),
@@ -162,7 +166,7 @@ class Shape:
         return f"hidden {self.hidden}, {self.layers} layers ({n / 1e6:.2f}M), {self.batch} x {self.context} tokens"
 
 
-def measure(store: Path, tmp: Path, shape: Shape, repeats: int, steps: int, warmup: int, tag: str):
+def measure(store: Path | str, tmp: Path, shape: Shape, repeats: int, steps: int, warmup: int, tag: str):
     """Per-repeat rows and the pooled (flame, bare, ratio) lists of one model shape."""
     rows, all_f, all_b, all_r = [], [], [], []
     for r in range(repeats):
@@ -229,6 +233,12 @@ def main(argv: list[str] | None = None) -> None:
         store = tmp / "store"
         prepare([str(f) for f in files], "byte", str(store), workers=1, progress=False, log=lambda m: None)
         rows, total = measure(store, tmp, main_shape, repeats, steps, warmup, "main")
+        halves = []
+        for i, f in enumerate(files[:2]):
+            halves.append(tmp / f"store-{i}")
+            prepare([str(f)], "byte", str(halves[-1]), workers=1, progress=False, log=lambda m: None)
+        mix = f"a={halves[0]}:0.7,b={halves[1]}:0.3"
+        mix_rows, mix_total = measure(mix, tmp, main_shape, max(1, repeats // 2), steps, warmup, "mixture")
         _, micro_total = measure(store, tmp, micro, micro_repeats, micro_steps, 10, "micro")
     cmd = "bench/trainer_overhead.py" + (" --quick" if q else "")
     text = "\n".join(
@@ -239,7 +249,10 @@ def main(argv: list[str] | None = None) -> None:
             f"main: llama, {main_shape.label()} a step; micro: {micro.label()} (the step is mostly the loop "
             "itself). Byte tokenizer (257), fp32 on CPU, AdamW, clip 1.0.",
             "Data: 2 MB of the standard library's sources, prepared once (`flame prepare`, byte tokenizer).",
-            "flame: `Trainer` with the defaults (log interval 10, non-finite guard on), checkpoints off. "
+            "flame: `Trainer` with the defaults (log interval 10, non-finite guard on), checkpoints off; "
+            "its loss is flame's token-weighted cross-entropy from the logits, the bare loop's the model's "
+            "own `labels=` loss. mixture: the same model on a 2-store `data.mix` (0.7 / 0.3), so flame also "
+            "accounts loss and tokens per source. "
             f"main: {repeats} fresh runs x {steps} measured steps after {warmup} warmup steps; micro: "
             f"{micro_repeats} x {micro_steps} after 10. Each flame step is paired with the mean of the bare "
             "steps run right before and right after it.",
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                     "overhead of the fastest steps (min / min)",
                     "overhead (sum of times)",
                 ],
-                [*rows, total, micro_total],
+                [*rows, total, *mix_rows, mix_total, micro_total],
             ),
             "",
             "Target: <= 5% (BENCHMARKS.md aims at <= 2%). On a shared machine a burst of load can land on "

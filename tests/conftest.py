@@ -93,3 +93,47 @@ def final_weights(run_dir):
     out = run_dir.parent / f"{run_dir.name}-final.pt"
     dcp_to_torch_save(str(path / "state"), str(out))
     return torch.load(out, weights_only=False)["model"]
+
+
+def _distributed_entry(rank, nprocs, port, fn, args):
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nprocs),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        fn(rank, *args)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, nprocs, *args, timeout=300):
+    """Run fn(rank, *args) in `nprocs` fresh processes joined by a gloo process group (flame's
+    init_world picks it up from the environment, as under torchrun). fn must be importable."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(
+        _distributed_entry, args=(nprocs, port, fn, args), nprocs=nprocs, join=False, start_method="spawn"
+    )
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"run_distributed: {fn.__name__} did not finish in {timeout}s")

@@ -251,7 +251,7 @@ def test_mfu_matches_a_hand_computation(tmp_path, corpus):
     context, peak = 64, 1e9
     # by hand: every weight that multiplies activations, per token, times 6 (forward + backward),
     # plus attention scores and values: 12 x layers x hidden x context
-    h, i, layers, v = 64, 160, 2, 300
+    h, i, layers, v = 64, 160, 2, 257  # the byte tokenizer's rows, not the config's 300
     head_dim = h // 4
     per_layer = h * h + 2 * h * (2 * head_dim) + h * h + 3 * h * i  # q, k and v, o, gate/up/down
     n_matmul = layers * per_layer + v * h  # the untied output head; the input embedding is a lookup

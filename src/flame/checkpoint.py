@@ -9,6 +9,7 @@ a damaged one is reported and skipped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -51,14 +52,23 @@ def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step-{step:08d}"
 
 
+def _step_of(path: Path) -> int | None:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not ckpt_root.is_dir():
         return []
     found = [
-        p for p in ckpt_root.glob("step-*") if p.is_dir() and (p / MARKER).is_file() and ".tmp" not in p.name
+        p
+        for p in ckpt_root.glob("step-*")
+        if p.is_dir() and (p / MARKER).is_file() and ".tmp" not in p.name and _step_of(p) is not None
     ]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=_step_of)
 
 
 def verify(path: Path, checksums: bool = True) -> str | None:
@@ -68,9 +78,15 @@ def verify(path: Path, checksums: bool = True) -> str | None:
         return "it is incomplete (no COMPLETE marker)"
     try:
         files = json.loads(marker.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError):
         return "its COMPLETE marker is unreadable"
+    if not isinstance(files, dict) or not all(
+        isinstance(m, dict) and isinstance(m.get("size"), int) for m in files.values()
+    ):
+        return "its COMPLETE marker is malformed"
     for name, meta in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            return f"its COMPLETE marker names a file outside it ({name})"
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
@@ -79,6 +95,13 @@ def verify(path: Path, checksums: bool = True) -> str | None:
         if checksums and meta.get("sha256") and _sha256(f) != meta["sha256"]:
             return f"{name} fails its checksum"
     return None
+
+
+def _free_bytes(path: Path) -> int | None:
+    try:
+        return shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        return None
 
 
 def _rng_state() -> dict:
@@ -189,7 +212,11 @@ class Checkpointer:
         if _dist()[0] == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        # DCP wraps the real error; its last line names it
+        # DCP wraps the real error; its last line names it. A full disk often surfaces as a torn
+        # write ("unexpected pos ..."): say what it is
+        free = _free_bytes(self.root)
+        if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < 64 << 20):
+            reason = f"no space left on device ({(free or 0) / 2**20:.1f} MiB free in {self.root}): {reason}"
         raise CheckpointError(
             f"saving the checkpoint of step {step} failed: {reason}",
             hint="earlier checkpoints are intact; free disk space or fix permissions of the run directory",
@@ -275,9 +302,14 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
 
     def find_latest(self) -> Path | None:
-        """The newest checkpoint that verifies (rank 0 decides; every rank gets the answer)."""
+        """The newest checkpoint that verifies (rank 0 decides; every rank gets the answer).
+
+        None when the run has no checkpoint. When it has some and none is usable, that is an
+        error listing each and why: restarting from step 0 must be the user's choice
+        (`--checkpoint.resume false`), never a silent one.
+        """
         rank, _ = _dist()
-        choice = None
+        choice, rejected = None, []
         if rank == 0:
             for path in reversed(list_checkpoints(self.root)):
                 problem = verify(path, self.checksums)
@@ -285,12 +317,49 @@ class Checkpointer:
                     choice = str(path)
                     self._verified.add(path)
                     break
+                rejected.append(f"{path.name}: {problem}")
                 self.log(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one")
             incomplete = [p for p in self.root.glob("step-*.tmp*")] if self.root.is_dir() else []
             if incomplete and choice is None and not list_checkpoints(self.root):
                 self.log(f"warning: ignoring {len(incomplete)} incomplete checkpoint(s) in {self.root}")
-        choice = _broadcast(choice)
+        choice, rejected = _broadcast((choice, rejected))
+        if choice is None and rejected:
+            raise CheckpointError(
+                f"no checkpoint in {self.root} is usable:\n    " + "\n    ".join(rejected),
+                hint="restore the files, resume from a copy with --checkpoint.load PATH, or start over with "
+                "--checkpoint.resume false (the damaged checkpoints are moved aside, not deleted)",
+            )
         return Path(choice) if choice else None
+
+    def set_aside_after(self, step: int) -> Path | None:
+        """Move this run's checkpoints of steps after `step` into `checkpoints/abandoned-<time>/`.
+
+        They belong to a trajectory the run no longer follows (a rewind with --checkpoint.load, or a
+        restart with --checkpoint.resume false): left in place, the next automatic resume would
+        continue that old trajectory, and pruning would count them and delete the new branch's
+        checkpoints. Nothing is deleted. Returns the folder (on every rank), or None.
+        """
+        rank, _ = _dist()
+        moved = None
+        if rank == 0 and self.root.is_dir():
+            later = [
+                p
+                for p in self.root.glob("step-*")
+                if p.is_dir() and ".tmp" not in p.name and _step_of(p) is not None and _step_of(p) > step
+            ]
+            if later:
+                dest = self.root / time.strftime("abandoned-%Y%m%d-%H%M%S")
+                n = 0
+                while dest.exists():
+                    n += 1
+                    dest = dest.with_name(dest.name.split("~")[0] + f"~{n}")
+                dest.mkdir()
+                for p in sorted(later):
+                    os.replace(p, dest / p.name)
+                self._fsync_dir(self.root)
+                moved = str(dest)
+        moved = _broadcast(moved)
+        return Path(moved) if moved else None
 
     def trainer_state(self, path: Path) -> dict:
         """The run state saved with a checkpoint (step, data position, config), verified first."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -25,18 +26,61 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+# Built-in models: llama configs of these sizes (the vocabulary comes from the tokenizer).
+MODEL_PRESETS: dict[str, dict] = {
+    # ~0.9M parameters: the embedded default, trains in a couple of minutes on a laptop CPU.
+    "tiny": dict(
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+    # GPT-2-small-sized llama (~125M with a 32k vocabulary).
+    "llama-125m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+    ),
+}
+# model.attn_implementation values known without importing transformers (it is asked about others)
+ATTN_IMPLEMENTATIONS = (
+    "auto",
+    "sdpa",
+    "eager",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "paged|eager",
+)
+
+
 @dataclass
 class ModelConfig:
     name: str = _f(
         "tiny",
-        "preset name (tiny, llama-125m), a path to a transformers config.json, or pkg.module:function",
+        "preset name (tiny, llama-125m), a path to a transformers config.json, pkg.module:function "
+        "or path/to/file.py:function",
     )
     import_modules: list[str] = _f(
         [], "packages to import before building (e.g. fla, to register its models)"
     )
-    vocab_size: int = _f(0, "vocabulary rows; 0 = take the tokenizer's vocabulary size")
+    vocab_size: int = _f(
+        0, "vocabulary rows; 0 = the tokenizer's vocabulary size (also over a config.json's vocab_size)"
+    )
+    pad_vocab_multiple: int = _f(
+        0, "round the vocabulary rows up to a multiple of this (e.g. 64 or 128, for speed); 0 = off"
+    )
     resize_vocab: bool = _f(
         False, "grow the model's embeddings when the tokenizer is larger (else it is an error)"
+    )
+    attn_implementation: str = _f(
+        "auto",
+        "attention kernel: auto (sdpa where the model supports it, else eager), sdpa, eager, "
+        "flex_attention, flash_attention_2, ... (any name transformers accepts)",
     )
     init_from: str = _f("", "Hugging Face model directory to load weights from (continued pretraining)")
     flops_per_token: float = _f(0.0, "training FLOPs per token for MFU; 0 = from the model or 6N + attention")
@@ -130,10 +174,16 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    interval: int = _f(0, "evaluate every this many steps (0 = off)")
-    batches: int = _f(8, "batches per evaluation")
-    inputs: list[str] = _f([], "held-out raw inputs")
-    store: str = _f("", "held-out tokenized store")
+    interval: int = _f(0, "evaluate every this many steps and at the end (0 = off)")
+    batches: int = _f(
+        8,
+        "batches of eval.batch_size windows per held-out set, spread over the whole set (the same "
+        "windows at every evaluation, split across ranks); 0 = every window of the set",
+    )
+    batch_size: int = _f(0, "windows per forward pass on each rank (0 = data.batch_size)")
+    at_start: bool = _f(False, "also evaluate before the first step (step 0)")
+    inputs: list[str] = _f([], "held-out raw inputs (default: data.store's / data.mix's <store>/val)")
+    store: str = _f("", "held-out tokenized store (default: data.store's / data.mix's <store>/val)")
 
 
 @dataclass
@@ -287,9 +337,18 @@ def _apply(cfg: Config, items: dict[str, Any], origin: str, from_cli: bool, prob
             continue
         typ = _field_types(cls)[name]
         try:
-            setattr(getattr(cfg, section), name, _convert(key, typ, value, from_cli))
+            value = _convert(key, typ, value, from_cli)
         except ValueError as e:
             problems.append(f"{key} in {origin}: {e}")
+            continue
+        if key == "data.inputs" and from_cli and not value:
+            # an empty value is a mistake (e.g. an unset shell variable), not a request for the default
+            problems.append(
+                "--data.inputs is given without a value: name files, folders or globs "
+                "(or 'stdlib'), or leave the option out for the default corpus"
+            )
+            continue
+        setattr(getattr(cfg, section), name, value)
 
 
 def _flatten_toml(data: dict, problems: list[str], origin: str) -> dict[str, Any]:
@@ -415,6 +474,7 @@ def validate(cfg: Config) -> list[str]:
     """Every impossible value, each naming its key and the fix."""
     p: list[str] = []
     d, t, o, c, lg = cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.log
+    p.extend(_numbers_in_range(cfg))
     for key, choices in CHOICES.items():
         s, n = key.split(".")
         v = getattr(getattr(cfg, s), n)
@@ -424,6 +484,8 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"{key} = {v!r} is not one of {', '.join(choices)}{hint}")
 
     def positive(key: str, v: float, zero_ok: bool = False) -> None:
+        if not math.isfinite(v):
+            return  # reported by _numbers_in_range
         if v < 0 or (v == 0 and not zero_ok):
             p.append(f"{key} = {v} must be {'>= 0' if zero_ok else '> 0'}")
 
@@ -446,9 +508,12 @@ def validate(cfg: Config) -> list[str]:
     positive("log.interval", lg.interval)
     positive("log.peak_flops", lg.peak_flops, zero_ok=True)
     positive("eval.interval", cfg.eval.interval, zero_ok=True)
-    positive("eval.batches", cfg.eval.batches)
+    positive("eval.batches", cfg.eval.batches, zero_ok=True)
+    positive("eval.batch_size", cfg.eval.batch_size, zero_ok=True)
     positive("model.vocab_size", cfg.model.vocab_size, zero_ok=True)
     positive("model.flops_per_token", cfg.model.flops_per_token, zero_ok=True)
+    positive("model.pad_vocab_multiple", cfg.model.pad_vocab_multiple, zero_ok=True)
+    p.extend(_model_problems(cfg.model))
     nulls = _null_keys(cfg.model.overrides)
     if nulls:
         p.append(
@@ -468,6 +533,14 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"{k} = {b} must be in [0, 1)")
     if not 0 < d.max_bad_fraction <= 1:
         p.append(f"data.max_bad_fraction = {d.max_bad_fraction} must be in (0, 1]")
+    import signal as _signal
+
+    for name in t.preempt_signals:
+        sig = getattr(_signal, name, None) if name.startswith("SIG") and not name.startswith("SIG_") else None
+        if not isinstance(sig, _signal.Signals):
+            p.append(f"train.preempt_signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
+        elif sig in (_signal.SIGKILL, _signal.SIGSTOP):
+            p.append(f"train.preempt_signals: {name} cannot be caught; use e.g. SIGTERM or SIGUSR1")
     if t.spike_factor and t.spike_factor <= 1:
         p.append(f"train.spike_factor = {t.spike_factor} must be > 1 (or 0 to turn the guard off)")
     sources = sum(bool(x) for x in (d.inputs, d.store, d.mix))
@@ -489,15 +562,107 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"data.mix: {e}")
     for key, specs in (("data.inputs", d.inputs), ("eval.inputs", cfg.eval.inputs)):
         for spec in specs:
-            if not _input_exists(spec):
+            if not spec.strip():
+                p.append(f"{key}: an entry is empty ('{spec}'): name files, folders or globs, or 'stdlib'")
+            elif not _input_exists(spec):
                 p.append(f"{key}: '{spec}' matches no file or directory")
-    if cfg.eval.interval and not (cfg.eval.store or cfg.eval.inputs):
-        p.append("eval.interval is set but there is no held-out data: set eval.store or eval.inputs")
+    if (cfg.eval.interval or cfg.eval.at_start) and not (cfg.eval.store or cfg.eval.inputs):
+        from flame.data.mixture import parse_mix
+
+        try:
+            stores = [path for path, _ in parse_mix(d.mix)] if d.mix else [d.store] if d.store else []
+        except ValueError:  # reported above
+            stores = []
+        if not any(Path(s, "val").is_dir() for s in stores):
+            key = "eval.interval" if cfg.eval.interval else "eval.at_start"
+            p.append(
+                f"{key} is set but there is no held-out data: set eval.store or eval.inputs, or prepare "
+                "data.store / the data.mix stores with `flame prepare --val-fraction` (their <store>/val)"
+            )
     if d.tokenizer != "byte" and not Path(d.tokenizer).exists():
         p.append(
             f"data.tokenizer: no such file or directory '{d.tokenizer}' (use 'byte' for the built-in tokenizer)"
         )
     return p
+
+
+def _model_problems(m: ModelConfig) -> list[str]:
+    """What is wrong with the model section without building it (that happens before any data)."""
+    import re
+
+    p: list[str] = []
+    name = m.name
+    is_function = re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name) is not None
+    is_file_function = ":" in name and name.rpartition(":")[0].endswith(".py")
+    if m.init_from:
+        pass  # the weights' own config is the model; model.name is not used
+    elif is_file_function:
+        file = name.rpartition(":")[0]
+        if not Path(file).is_file():
+            p.append(f"model.name: no such file '{file}' (in {name!r})")
+    elif name not in MODEL_PRESETS and not Path(name).exists() and not is_function:
+        presets = list(MODEL_PRESETS)
+        close = [x for x in presets if x.startswith(name)]
+        close = close or difflib.get_close_matches(name, presets, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        looks_like_path = "/" in name or name.endswith(".json")
+        what = f"no such file or directory '{name}'" if looks_like_path else f"{name!r} is not a preset"
+        p.append(
+            f"model.name: {what}{hint}; give a preset ({', '.join(presets)}), a transformers config.json "
+            "(or its folder), pkg.module:function or path/to/file.py:function"
+        )
+    for key, knob in (
+        ("vocab_size", "--model.vocab_size"),
+        ("attn_implementation", "--model.attn_implementation"),
+        ("_attn_implementation", "--model.attn_implementation"),
+    ):
+        if key in m.overrides:
+            p.append(f"model.overrides: {key} is a knob of its own: use {knob} instead")
+    impl = m.attn_implementation
+    # hub kernels ('org/repo') and names registered by model.import_modules are checked when building
+    if impl not in ATTN_IMPLEMENTATIONS and "/" not in impl and not m.import_modules:
+        try:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            known = ["auto", "eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        except ImportError:
+            known = list(ATTN_IMPLEMENTATIONS)
+        if impl not in known:
+            close = difflib.get_close_matches(impl, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            p.append(f"model.attn_implementation = {impl!r} is not one of {', '.join(known)}{hint}")
+    return p
+
+
+# Upper bounds of integer knobs whose larger values would only fail later (allocations of
+# petabytes, seeds numpy cannot hold); every other integer must fit in 62 bits.
+INT_BOUNDS = {
+    "data.context_len": 1 << 24,
+    "data.batch_size": 1 << 20,
+    "data.window": 1 << 24,
+    "data.num_workers": 1024,
+    "train.grad_accum": 1 << 20,
+    "train.max_steps": 1 << 40,
+    "eval.batches": 1 << 30,
+    "eval.batch_size": 1 << 20,
+}
+
+
+def _numbers_in_range(cfg: Config) -> list[str]:
+    """Every float knob finite (NaN or infinity would train NaN weights or switch a guard off
+    silently), every integer knob within a bound that later code can hold."""
+    out = []
+    for section, cls in _SECTION_TYPES.items():
+        body = getattr(cfg, section)
+        for name, typ in _field_types(cls).items():
+            key, v = f"{section}.{name}", getattr(body, name)
+            if typ is float and not math.isfinite(v):
+                out.append(f"{key} = {v} must be a finite number")
+            elif typ is int and not isinstance(v, bool):
+                bound = INT_BOUNDS.get(key, 1 << 62)
+                if abs(v) > bound:
+                    out.append(f"{key} = {v} is out of range: at most {bound:,} (2^{bound.bit_length() - 1})")
+    return out
 
 
 def _null_keys(value: Any, path: str = "") -> list[str]:

@@ -2,7 +2,10 @@
 
 The directory holds config.json, generation_config.json, model.safetensors and the run's
 tokenizer, so `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`
-load it (offline), and `flame train --model.init_from DIR` continues pretraining from it.
+load it (offline), and `flame train --model.init_from DIR` continues pretraining from it. Before
+anything reaches DIR, the tokenizer as transformers loads it is checked against the run's on a
+fixed probe text (`flame.data.tokenizer.PROBE_TEXT`): same ids, same EOS, same decoded text, or
+no export.
 A custom (`pkg.module:function`) model has no transformers config: its weights are written as
 model.safetensors and the command says so with a non-zero exit.
 """
@@ -126,6 +129,7 @@ def export(
         from safetensors.torch import save_model
 
         save_model(model, str(tmp / "model.safetensors"))
+        _check_tokenizer(tok, tmp, out)
         _replace(tmp, out)
         raise FlameError(
             f"{cfg.model.name} is a custom model, not a transformers one: no config.json can be written, "
@@ -142,8 +146,31 @@ def export(
 
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     model.save_pretrained(str(tmp), safe_serialization=True)
+    _check_tokenizer(tok, tmp, out)
     _replace(tmp, out)
     return out
+
+
+def _check_tokenizer(tok, tmp: Path, out: Path) -> None:
+    """Refuse (removing `tmp`, leaving `out` as it was) unless transformers, loading `tmp` as a user
+    will, tokenizes exactly as the run did. Its model type can make transformers pick a tokenizer
+    class that rebuilds tokenizer.json; the directory then asks for the file as it is, and is
+    checked again."""
+    from flame.data.tokenizer import keep_tokenizer_json, transformers_mismatch
+
+    problem = transformers_mismatch(tok, str(tmp))
+    if problem is None:
+        return
+    keep_tokenizer_json(str(tmp))
+    if transformers_mismatch(tok, str(tmp)) is None:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise FlameError(
+        f"not exported: AutoTokenizer.from_pretrained({str(out)!r}) would not tokenize as the run did, "
+        f"so the model would see other token ids than it was trained on. {problem}",
+        hint="train with a tokenizer that transformers loads unchanged for this model type, or use the "
+        "checkpoint with flame itself (flame generate RUN_DIR)",
+    )
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -1,4 +1,11 @@
-"""Sampling text from a trained model (temperature, top-k, top-p)."""
+"""Sampling text from a trained model (temperature, top-k, top-p, seed; temperature 0 is greedy).
+
+A transformers model samples through its own `generate()`, with its KV cache (or recurrent state:
+Mamba, RWKV), as long as the text fits the context; past that, and for custom modules, each token
+is the model's forward over the last `context_len` tokens (no cache). Both stop at EOS, which is
+not part of the output. Greedy output is the same either way (tested); sampled output depends on
+the path (each draws its random numbers in its own order), but is fixed by the seed.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +23,80 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return logits[:, -1, :].float()
 
 
+def has_generate(model: nn.Module) -> bool:
+    """Whether the model is a transformers model with a `generate()` (and so a cache) of its own."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    can = getattr(model, "can_generate", None)
+    return isinstance(model, PreTrainedModel) and callable(can) and bool(can())
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen) -> int:
+    if temperature <= 0:
+        return int(logits.argmax(-1))
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_l, order = torch.sort(logits, descending=True)
+        cum = sorted_l.softmax(-1).cumsum(-1)
+        drop = cum - sorted_l.softmax(-1) > top_p
+        logits = logits.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+
+
+def _loop(model, ids, max_new, context_len, temperature, top_k, top_p, eos_id, gen, device) -> bool:
+    """Append up to `max_new` tokens to `ids`, one full forward each; True when EOS ended it."""
+    for _ in range(max_new):
+        ctx = torch.tensor([ids[-context_len:]], device=device)
+        nxt = _next_token(_logits(model, ctx).cpu(), temperature, top_k, top_p, gen)
+        if eos_id is not None and nxt == eos_id:
+            return True
+        ids.append(nxt)
+    return False
+
+
+def _with_cache(model, ids, max_new, temperature, top_k, top_p, eos_id, seed, device) -> bool:
+    """Append up to `max_new` tokens to `ids` with `model.generate()`; True when EOS ended it."""
+    from transformers import GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    sample = temperature > 0
+    x = torch.tensor([ids], device=device)
+    devices = [device] if torch.device(device).type == "cuda" else []
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # no notes about the settings given on purpose
+    try:
+        # every setting given, so nothing comes from the model's own generation_config.json
+        config = GenerationConfig(
+            max_new_tokens=max_new,
+            min_new_tokens=0,
+            do_sample=sample,
+            num_beams=1,
+            temperature=temperature if sample else 1.0,
+            top_k=top_k if sample else 0,
+            top_p=top_p if sample else 1.0,
+            repetition_penalty=1.0,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id if eos_id is not None else 0,
+            use_cache=True,
+        )
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    new = out[0, len(ids) :].tolist()
+    if eos_id is not None and eos_id in new:
+        ids.extend(new[: new.index(eos_id)])
+        return True
+    ids.extend(new)
+    return False
+
+
 @torch.no_grad()
 def sample_ids(
     model: nn.Module,
@@ -28,32 +109,28 @@ def sample_ids(
     eos_id: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    use_cache: bool = True,
 ) -> list[int]:
+    """Up to `max_new` token ids continuing `prompt` (the last `context_len` of it are seen).
+
+    `use_cache=False` takes the no-cache path for every model (the reference for greedy output).
+    """
     was_training = model.training
     model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    ids = list(prompt)
-    for _ in range(max_new):
-        ctx = torch.tensor([ids[-context_len:]], device=device)
-        logits = _logits(model, ctx).cpu()
-        if temperature <= 0:
-            nxt = int(logits.argmax(-1))
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            if top_p < 1.0:
-                sorted_l, order = torch.sort(logits, descending=True)
-                cum = sorted_l.softmax(-1).cumsum(-1)
-                drop = cum - sorted_l.softmax(-1) > top_p
-                logits = logits.scatter(-1, order, sorted_l.masked_fill(drop, float("-inf")))
-            nxt = int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
-        if eos_id is not None and nxt == eos_id:
-            break
-        ids.append(nxt)
-    model.train(was_training)
-    return ids[len(prompt) :]
+    ids = list(prompt[-context_len:]) if context_len else list(prompt)
+    start = len(ids)
+    try:
+        stopped = False
+        fits = max(0, min(max_new, context_len - len(ids)))  # tokens before the window must slide
+        if use_cache and has_generate(model) and fits > 0 and ids:
+            stopped = _with_cache(model, ids, fits, temperature, top_k, top_p, eos_id, seed, device)
+        left = max_new - (len(ids) - start)
+        if not stopped and left > 0:
+            _loop(model, ids, left, context_len, temperature, top_k, top_p, eos_id, gen, device)
+    finally:
+        model.train(was_training)
+    return ids[start:]
 
 
 def sample_text(

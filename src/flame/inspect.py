@@ -422,13 +422,14 @@ def load_for_generation(path: str | Path, step: int | None, device: torch.device
     if (path / "config.toml").is_file():
         from flame.checkpoint import load_model_weights
         from flame.data.build import resolve_tokenizer
-        from flame.model import build_model
+        from flame.export import build_for_export
 
         cfg = load_run_config(path)
         ckpt = _pick_checkpoint(path, step)
         tok = resolve_tokenizer(cfg)
-        cfg.model.init_from = ""  # the checkpoint's weights replace them anyway
-        model = build_model(cfg.model, tok.vocab_size, cfg.data.context_len)
+        # the architecture the run trained (an init_from directory's config.json), random weights:
+        # the checkpoint's replace them
+        model = build_for_export(cfg, tok.vocab_size)
         load_model_weights(ckpt, model, f"the model of {path}/config.toml")
         return model.to(device), tok, cfg.data.context_len, f"{ckpt}"
     if (path / "config.json").is_file():
@@ -438,7 +439,7 @@ def load_for_generation(path: str | Path, step: int | None, device: torch.device
 
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, torch_dtype=torch.float32
+                str(path), local_files_only=True, dtype=torch.float32
             )
         except Exception as e:
             raise FlameError(f"transformers cannot load a causal LM from {path}: {e}") from None
@@ -462,6 +463,12 @@ def _generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens; 0 = all")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the whole context for every token instead of the model's generate() with its "
+        "KV cache (slower; greedy output is the same)",
+    )
     p.add_argument("--step", type=int, help="checkpoint step of a run directory (default: the latest)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     return p
@@ -491,6 +498,7 @@ def generate_cli(argv: list[str]) -> int:
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
+        use_cache=not args.no_cache,
     )
     print(text)
     return 0

@@ -154,7 +154,7 @@ class MetricsLogger:
         logged_before = truncate_jsonl(self.path, resume_step)
         self._file = open(self.path, "a")
         if cfg.tensorboard:
-            self._sinks.append(_TensorBoard(run_dir / "tb", resume_step))
+            self._sinks.append(_TensorBoard(run_dir / "tb", resume_step, config))
         if cfg.wandb != "off":
             self._sinks.append(_WandB(cfg, run_dir, config, resume_step, logged_before, self.console.print))
 
@@ -215,23 +215,60 @@ class BatchLog:
         self._f.close()
 
 
-_SINK_KEYS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "perplexity", "data_wait", "memory_gib")
+# Fields of a record that are not sink scalars: its kind (the tag prefix), its step (the x axis),
+# and its wall time (the sinks stamp their own).
+_SINK_SKIP = ("kind", "step", "time")
+
+
+def sink_scalars(rec: dict) -> dict[str, float]:
+    """Every number of a metrics.jsonl record, as the TensorBoard / W&B tag `<kind>/<field>`.
+
+    A per-source dict, `{"sources": {name: {field: x}}}`, gives `<kind>/<field>/<name>` (so
+    `train/loss/web` sits next to `train/loss`); any other nested dict gives
+    `<kind>/<field>/<key>`. Strings, booleans, None and lists are left out (None is what a record
+    holds for a number it does not know, e.g. `mfu` without a peak); NaN and infinities are kept:
+    both sinks store them, and a NaN loss is what a user most needs to see.
+    """
+    kind = rec.get("kind", "train")
+    out: dict[str, float] = {}
+
+    def add(tag: str, v) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                add(f"{tag}/{k}", x)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[tag] = v
+
+    for k, v in rec.items():
+        if k in _SINK_SKIP:
+            continue
+        if k == "sources" and isinstance(v, dict):
+            for name, fields in v.items():
+                if isinstance(fields, dict):
+                    for f, x in fields.items():
+                        add(f"{kind}/{f}/{name}", x)
+        else:
+            add(f"{kind}/{k}", v)
+    return out
 
 
 class _TensorBoard:
-    def __init__(self, path: Path, resume_step: int):
+    def __init__(self, path: Path, resume_step: int, config: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step makes readers drop earlier files' events from this step on, so a resumed
         # curve never doubles back -- also when the run restarts from step 0 (no checkpoint yet)
         self.w = SummaryWriter(str(path), purge_step=resume_step + 1)
+        if config is not None:
+            from flame.config import to_toml
+
+            # the resolved config of this (re)start, at its first step: a resumed run shows the
+            # config each segment trained with (a fenced block, so the text tab keeps its lines)
+            self.w.add_text("config", f"```toml\n{to_toml(config)}```", global_step=resume_step + 1)
 
     def log(self, rec: dict) -> None:
-        kind = rec.get("kind", "train")
-        for k in _SINK_KEYS:
-            v = rec.get(k)
-            if isinstance(v, (int, float)):
-                self.w.add_scalar(f"{kind}/{k}", v, rec["step"])
+        for tag, v in sink_scalars(rec).items():
+            self.w.add_scalar(tag, v, rec["step"])
         self.w.flush()
 
     def close(self) -> None:
@@ -275,10 +312,8 @@ class _WandB:
         )
 
     def log(self, rec: dict) -> None:
-        kind = rec.get("kind", "train")
-        data = {f"{kind}/{k}": rec[k] for k in _SINK_KEYS if isinstance(rec.get(k), (int, float))}
         if rec["step"] > self.floor:
-            self.run.log(data, step=rec["step"])
+            self.run.log(sink_scalars(rec), step=rec["step"])
 
     def close(self) -> None:
         self.run.finish()

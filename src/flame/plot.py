@@ -78,6 +78,26 @@ def _series(recs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array(idx, dtype=np.int64), np.array([recs[i][key] for i in idx], dtype=np.float64)
 
 
+def source_names(recs: list[dict]) -> list[str]:
+    """Mixture source names found in records' `sources`, in first-seen order."""
+    names: list[str] = []
+    for r in recs:
+        for n in r.get("sources") or {}:
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def _source_series(recs: list[dict], name: str, key: str) -> tuple[np.ndarray, np.ndarray]:
+    idx, ys = [], []
+    for i, r in enumerate(recs):
+        v = (r.get("sources") or {}).get(name, {}).get(key)
+        if isinstance(v, (int, float)) and v == v:  # NaN: the source had no tokens in that window
+            idx.append(i)
+            ys.append(v)
+    return np.array(idx, dtype=np.int64), np.array(ys, dtype=np.float64)
+
+
 def plot_runs(
     run_dirs: list[str],
     out: str | Path,
@@ -85,10 +105,12 @@ def plot_runs(
     metrics: list[str] | tuple[str, ...] = DEFAULT_METRICS,
     size: tuple[int, int] = (1200, 0),
     dpi: int = 100,
+    by_source: bool = False,
 ) -> Path:
     """Write a PNG of `metrics` against `x` for every run; returns its path.
 
-    `size` is (width, height) in pixels; height 0 means 350 pixels per panel.
+    `size` is (width, height) in pixels; height 0 means 350 pixels per panel. `by_source` adds
+    each mixture source's train (and held-out) loss to the loss panel.
     """
     import matplotlib
 
@@ -115,6 +137,11 @@ def plot_runs(
         if "mfu" in missing:
             hint += "; mfu is null when the device's peak FLOP/s is unknown (set --log.peak_flops)"
         raise FlameError(f"metric(s) {', '.join(missing)} appear in none of the runs", hint=hint)
+    if by_source and not any(source_names(train) for train, _ in runs):
+        raise FlameError(
+            "--by-source: none of the runs logged per-source losses",
+            hint="per-source losses are logged for runs that mix stores (--data.mix)",
+        )
     if x == "tokens" and any(train and "tokens" not in train[0] for train, _ in runs):
         raise FlameError("--x tokens: a run's metrics.jsonl has no 'tokens' field; use --x step")
 
@@ -137,6 +164,8 @@ def plot_runs(
                 if len(eidx):
                     exs = _x(evals, x, train)[eidx]
                     ax.plot(exs, ey, color=color, lw=1.2, ls="--", marker="o", ms=3, label=f"{label} eval")
+            if key == "loss" and by_source:
+                _plot_sources(ax, train, evals, x, label, len(runs) > 1, color, colors)
         ax.set_ylabel(TITLES.get(key, key))
         ax.grid(True, alpha=0.3)
         if key == "lr":
@@ -159,6 +188,27 @@ def plot_runs(
     finally:
         plt.close(fig)
     return out
+
+
+_SOURCE_STYLES = (":", "-.", (0, (5, 1)), (0, (1, 3)), (0, (3, 1, 1, 1)))
+
+
+def _plot_sources(ax, train, evals, x, label, many_runs, run_color, colors) -> None:
+    """One line per source: its own colour for a single run, the run's colour and a dash style
+    per source when runs are compared."""
+    for j, name in enumerate(
+        source_names(train) + [n for n in source_names(evals) if n not in source_names(train)]
+    ):
+        color = run_color if many_runs else colors[(j + 1) % len(colors)]
+        style = _SOURCE_STYLES[j % len(_SOURCE_STYLES)] if many_runs else "-"
+        tag = f"{label} {name}" if many_runs else name
+        idx, y = _source_series(train, name, "loss")
+        if len(idx):
+            ax.plot(_x(train, x, train)[idx], y, color=color, lw=1.0, ls=style, label=f"{tag} train")
+        eidx, ey = _source_series(evals, name, "loss")
+        if len(eidx):
+            exs = _x(evals, x, train)[eidx]
+            ax.plot(exs, ey, color=color, lw=1.0, ls="--", marker="s", ms=3, label=f"{tag} eval")
 
 
 def _size(s: str) -> tuple[int, int]:
@@ -188,6 +238,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--size", type=_size, default=(1200, 0), help="WIDTHxHEIGHT in pixels (default: 1200 x 350 per panel)"
     )
+    p.add_argument(
+        "--by-source",
+        action="store_true",
+        help="add each mixture source's train and held-out loss to the loss panel (runs with --data.mix)",
+    )
     return p
 
 
@@ -195,6 +250,6 @@ def cli(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     out = args.out or str(Path(args.run_dirs[0]) / "metrics.png")
-    path = plot_runs(args.run_dirs, out, x=args.x, metrics=metrics, size=args.size)
+    path = plot_runs(args.run_dirs, out, x=args.x, metrics=metrics, size=args.size, by_source=args.by_source)
     print(f"wrote {path}")
     return 0

@@ -56,7 +56,13 @@ class RunLock:
                 hint="choose another --train.run_dir, or fix the permissions of its parent",
             ) from None
         lock = cls(run_dir)
-        lock.acquire()
+        try:
+            lock.acquire()
+        except OSError as e:  # a read-only or full filesystem, a directory without write permission
+            raise FlameError(
+                f"cannot write to train.run_dir '{run_dir}': {e.strerror or e}",
+                hint="a run writes its lock, metrics and checkpoints there: choose a writable --train.run_dir",
+            ) from None
         return lock
 
     def release(self) -> None:

@@ -25,7 +25,7 @@ def _cache_key(paths: list[str], tok: Tokenizer, text_field: str) -> str:
     for p in paths:
         try:
             st = os.stat(p)
-            h.update(f"{p}:{st.st_size}:{int(st.st_mtime)};".encode())
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
         except OSError:
             h.update(f"{p};".encode())  # hf: names and the like
     h.update(f"{tok.fingerprint}:{text_field}".encode())
@@ -33,11 +33,15 @@ def _cache_key(paths: list[str], tok: Tokenizer, text_field: str) -> str:
 
 
 def prepared_store(inputs: list[str], cfg: Config, tok: Tokenizer, run_dir: Path, world: World, log) -> Path:
-    """Prepare raw inputs into a store under the cache directory once; later runs reuse it."""
+    """Prepare raw inputs into a store under the cache directory once; later runs reuse it.
+
+    Runs sharing one cache directory may prepare the same inputs at the same time: `prepare` locks
+    the store, the second waits and then reuses the first's shards. An input edited since (size or
+    mtime) gives another store."""
     from flame.data.prepare import prepare
     from flame.data.sources import expand_inputs
 
-    paths = expand_inputs(inputs)
+    paths = expand_inputs(inputs, log=lambda m: None)  # `prepare` reports what it skipped
     root = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "data"
     out = root / f"store-{_cache_key(paths, tok, cfg.data.text_field)}"
 
@@ -60,8 +64,13 @@ def prepared_store(inputs: list[str], cfg: Config, tok: Tokenizer, run_dir: Path
     return out
 
 
-def open_store(path: str | Path, tok: Tokenizer | None) -> TokenStore:
-    store = TokenStore(path)
+def open_store(path: str | Path, tok: Tokenizer | None, verify: bool | str | None = None) -> TokenStore:
+    """Open a store for reading: manifest and shard sizes checked now, token ids on every read, and
+    (verify None: on global rank 0 only) every shard's SHA-256 in a background thread; a damaged
+    shard stops the run with its name and the fix."""
+    if verify is None:
+        verify = "background" if int(os.environ.get("RANK", "0") or 0) == 0 else False
+    store = TokenStore(path, verify=verify)
     if tok is not None and store.tokenizer_fingerprint != tok.fingerprint:
         raise DataError(
             f"store {path} was prepared with tokenizer {store.manifest['tokenizer'].get('spec')!r} "
@@ -104,18 +113,19 @@ def build_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=p
         return StreamingLoader.from_config(cfg, inputs_of(cfg), tok, world)
     from flame.data.loader import PreparedLoader
 
-    weights = None
+    weights = names = None
     if d.mix:
-        from flame.data.mixture import parse_mix
+        from flame.data.mixture import parse_named_mix
 
-        pairs = parse_mix(d.mix)
-        stores = [open_store(p, tok) for p, _ in pairs]
-        weights = [w for _, w in pairs]
+        named = parse_named_mix(d.mix)
+        stores = [open_store(p, tok) for _, p, _ in named]
+        weights = [w for _, _, w in named]
+        names = [n for n, _, _ in named]
     elif d.store:
         stores = [open_store(d.store, tok)]
     else:
         stores = [open_store(prepared_store(inputs_of(cfg), cfg, tok, run_dir, world, log), tok)]
-    return PreparedLoader(
+    loader = PreparedLoader(
         stores,
         weights,
         d.context_len,
@@ -127,26 +137,49 @@ def build_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=p
         cfg.train.grad_accum,
         varlen=d.varlen,
         num_workers=d.num_workers,
+        names=names,
     )
+    n, g = loader.source.num_samples, loader.global_batch
+    if n < g:
+        log(
+            f"warning: the data holds {n} sample(s) of {d.context_len} tokens, fewer than one step's global "
+            f"batch of {g}: every step repeats samples (use more data, or a smaller batch or context)"
+        )
+    return loader
 
 
-def build_eval_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=print):
-    """Held-out batches in a fixed order (unshuffled), or None when evaluation is off."""
-    e = cfg.eval
-    if not e.interval or not (e.store or e.inputs):
-        return None
-    from flame.data.loader import PreparedLoader
+def build_eval_sets(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=print):
+    """The held-out sets of evaluation: (main, sources), or (None, []) when evaluation is off.
 
-    path = e.store or prepared_store(e.inputs, cfg, tok, run_dir, world, log)
-    return PreparedLoader(
-        [open_store(path, tok)],
-        None,
-        cfg.data.context_len,
-        0,
-        False,
-        world.rank,
-        world.world_size,
-        cfg.data.batch_size,
-        1,
-        varlen=cfg.data.varlen,
-    )
+    main is eval.store / eval.inputs when given, else data.store's `<store>/val`; None with a
+    mixture means "the union of the sources". sources are the `<store>/val` parts (written by
+    `flame prepare --val-fraction`) of the data.mix stores, named like the mixture's sources.
+    Each set reads `eval.batches x eval.batch_size` windows spread over it (0 batches: all).
+    """
+    from flame.data.evalset import HeldOut
+
+    e, d = cfg.eval, cfg.data
+    if not (e.interval or e.at_start):
+        return None, []
+    count = e.batches * (e.batch_size or d.batch_size)
+    L = d.context_len
+    main = None
+    if e.store or e.inputs:
+        path = e.store or prepared_store(e.inputs, cfg, tok, run_dir, world, log)
+        main = HeldOut(open_store(path, tok), "eval", L, count)
+    sources: list = []
+    if d.mix:
+        from flame.data.mixture import parse_named_mix
+
+        for name, path, _ in parse_named_mix(d.mix):
+            val = Path(path) / "val"
+            if not val.is_dir():
+                log(f"note: mixture source {name} has no held-out part ({val}): no held-out loss for it")
+                continue
+            try:
+                sources.append(HeldOut(open_store(val, tok), name, L, count))
+            except DataError as err:
+                log(f"warning: mixture source {name}: {err.message}; no held-out loss for it")
+    elif d.store and main is None and Path(d.store, "val").is_dir():
+        main = HeldOut(open_store(Path(d.store) / "val", tok), Path(d.store).name, L, count)
+    return main, sources

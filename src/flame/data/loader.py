@@ -53,6 +53,8 @@ class PreparedBatches(IterableDataset):
                 rows = np.nonzero(src == s)[0]
                 stores[s].read_windows(starts[rows], out, rows)
         batch = {"input_ids": torch.from_numpy(out), "samples": torch.from_numpy(ks)}
+        if len(stores) > 1:  # which mixture source each window came from: per-source loss
+            batch["source"] = torch.from_numpy(src)
         if self.varlen:
             cu, pos, longest = varlen_fields(stores, src, starts, self.L)
             flat = out.reshape(1, -1)
@@ -64,6 +66,7 @@ class PreparedBatches(IterableDataset):
                 position_ids=torch.from_numpy(pos).view(1, -1),
                 cu_seqlens=torch.from_numpy(cu),
                 max_seqlen=longest,
+                num_targets=flat.size - 1 - (len(cu) - 2),  # known here: no tensor read in the step
             )
         return batch
 
@@ -94,9 +97,12 @@ class PreparedLoader:
         accum: int,
         varlen: bool = False,
         num_workers: int = 0,
+        names: list[str] | None = None,
     ):
         self.source = SampleSource(stores, weights, context_len, seed, shuffle)
         self.stores = stores
+        self.weights = list(weights) if weights else [1.0]
+        self.source_names = list(names) if names and len(stores) > 1 else []
         self.batches = PreparedBatches(self.source, rank, world, batch_size, accum, varlen)
         self.num_workers = num_workers
         self.global_batch = batch_size * world * accum
@@ -129,6 +135,13 @@ class PreparedLoader:
         for b in dl:
             self.micro += 1
             yield b
+
+    def source_samples(self, step: int) -> np.ndarray:
+        """Samples each mixture source gave the first `step` steps (all ranks): arithmetic, no state."""
+        k = step * self.global_batch
+        if self.source.schedule is None:
+            return np.array([k], dtype=np.int64)
+        return self.source.schedule.consumed(k)
 
     def epoch(self) -> float:
         """Passes over the data so far (fractional)."""

@@ -18,7 +18,7 @@ import numpy as np
 
 from flame.data.order import _ROUNDS, _permute, _u64, mix64, round_keys
 
-__all__ = ["parse_mix", "MixtureSchedule", "largest_remainder"]
+__all__ = ["parse_mix", "parse_named_mix", "MixtureSchedule", "largest_remainder"]
 
 # domain separation: the block permutations never coincide with a data order of the same seed
 _MIX_TAG = 0x6D69787475726521  # "mixture!"
@@ -31,7 +31,24 @@ _CACHE_MAX = 1 << 17
 
 
 def parse_mix(spec: str) -> list[tuple[str, float]]:
-    """Parse ``"path_a:0.7,path_b:0.3"`` into ``[(path, weight), ...]`` with weights summing to 1.
+    """``[(path, weight), ...]`` of a mixture spec (names dropped); see :func:`parse_named_mix`."""
+    return [(path, w) for _, path, w in parse_named_mix(spec)]
+
+
+def _name_of(entry: str) -> tuple[str | None, str]:
+    """``"web=stores/web:0.7"`` -> ("web", "stores/web:0.7"); no name when the left side is a path."""
+    left, eq, right = entry.partition("=")
+    if eq and left.strip() and not any(c in left for c in "/\\:") and right.strip():
+        return left.strip(), right.strip()
+    return None, entry
+
+
+def parse_named_mix(spec: str) -> list[tuple[str, str, float]]:
+    """Parse ``"[name=]path_a:0.7,[name=]path_b:0.3"`` into ``[(name, path, weight), ...]``.
+
+    Weights are normalised to sum to 1. A source is named by its ``name=`` prefix, else by its
+    store directory's basename (with as many parent folders as it takes to be unique); the name
+    labels its per-source loss and token share in the metrics.
 
     Each entry is split on its *last* colon, so a path may itself contain colons. Raises
     ValueError naming the bad entry for empty specs, missing or non-numeric weights, weights
@@ -40,9 +57,10 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("empty mixture spec; expected 'path_a:weight_a,path_b:weight_b,...'")
     out: list[tuple[str, float]] = []
+    names: list[str | None] = []
     seen: set[str] = set()
     for i, raw in enumerate(spec.split(",")):
-        entry = raw.strip()
+        name, entry = _name_of(raw.strip())
         if not entry:
             raise ValueError(f"mixture spec {spec!r}: entry {i + 1} is empty (stray comma?)")
         path, sep, wtext = entry.rpartition(":")
@@ -69,8 +87,24 @@ def parse_mix(spec: str) -> list[tuple[str, float]]:
             )
         seen.add(path)
         out.append((path, w))
+        names.append(name)
     total = math.fsum(w for _, w in out)
-    return [(p, w / total) for p, w in out]
+    resolved = _default_names([p for p, _ in out], names)
+    return [(n, p, w / total) for n, (p, w) in zip(resolved, out)]
+
+
+def _default_names(paths: list[str], given: list[str | None]) -> list[str]:
+    parts = [[x for x in p.replace("\\", "/").rstrip("/").split("/") if x not in ("", ".")] for p in paths]
+    depth = 1
+    while True:
+        names = [g or "/".join(pp[-depth:]) or p for g, pp, p in zip(given, parts, paths)]
+        if len(set(names)) == len(names) or depth > max(len(pp) for pp in parts):
+            break
+        depth += 1
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"mixture source name(s) {', '.join(dup)} are given twice; names must be unique")
+    return names
 
 
 def largest_remainder(weights: list[float] | np.ndarray, total: int) -> np.ndarray:

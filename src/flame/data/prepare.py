@@ -10,6 +10,9 @@ When every part is complete the store is finalized (manifest.json); the last par
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
+import functools
 import glob
 import hashlib
 import json
@@ -18,6 +21,7 @@ import os
 import queue
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -27,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from flame.data import store
-from flame.data.sources import BadRecords, Doc, Unit, expand_inputs, plan_units, read_unit
+from flame.data.sources import BadRecords, Doc, Unit, expand_inputs, file_state, plan_units, read_unit
 from flame.data.sources import unit_bytes as unit_size
 from flame.data.tokenizer import Tokenizer, load_tokenizer
 from flame.errors import DataError
@@ -36,6 +40,9 @@ BATCH_DOCS = 1000
 BATCH_CHARS = 8 << 20
 WARN_LIMIT = 10
 SETTINGS = "prepare.json"
+SETTINGS_VERSION = 2
+MAX_UNIT_MB = 16384  # a unit is one shard, tokenized by one worker holding its document index in memory
+MIN_UNIT_MB = 1 / 1024
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,7 @@ class _Job:
     max_bad_fraction: float
     sources: tuple[str, ...]
     threads: int = 0
+    states: tuple[tuple[str, list[int] | None], ...] = ()  # (path, [size, mtime_ns]) when planned
 
 
 def is_val(path: str, record: int, fraction: float) -> bool:
@@ -81,17 +89,49 @@ def _shard_ok(folder: Path, info: dict | None, itemsize: int) -> bool:
     )
 
 
-def _done_record(output: str, index: int, itemsize: int) -> dict | None:
-    """The saved result of unit `index` if it and its shards are complete, else None."""
-    p = _record_path(output, index)
+def _load_record(output: str, index: int) -> dict | None:
+    """The saved record of unit `index`, or None (absent, or damaged: then the unit is redone)."""
     try:
-        rec = json.loads(p.read_text())
-    except (OSError, ValueError):
+        rec = json.loads(_record_path(output, index).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
-    ok = _shard_ok(Path(output), rec["train"], itemsize) and _shard_ok(
-        Path(output) / "val", rec["val"], itemsize
-    )
-    return rec if ok else None
+    return rec if isinstance(rec, dict) else None
+
+
+def _record_usable(output: str, rec: dict, units: list[Unit], states: dict, itemsize: int) -> bool:
+    """A record counts when it was made from these very units of these very input versions, and its
+    shards are complete."""
+    try:
+        if rec.get("units") != [asdict(u) for u in units]:
+            return False
+        if rec.get("inputs") != {u.path: states[u.path] for u in units}:
+            return False
+        for split, folder in (("train", Path(output)), ("val", Path(output) / "val")):
+            info = rec[split]
+            if info is not None and not store.check_shard_name(info.get("name")):
+                return False
+            if not _shard_ok(folder, info, itemsize):
+                return False
+        return isinstance(rec["bad"], dict) and isinstance(rec["stats"], dict)
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def _changed_inputs(rec: dict, states: dict) -> set[str]:
+    """Inputs whose size or mtime differs from what the record was made from."""
+    seen = rec.get("inputs")
+    if not isinstance(seen, dict):
+        return set()
+    return {p for p, st in seen.items() if p in states and states[p] != st}
+
+
+def _remove_tmp(out: Path, name: str) -> None:
+    for d in (out, out / "val"):
+        for tmp in glob.glob(str(d / f"{glob.escape(name)}.*.tmp*")):
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
 
 class _UnitWorker:
@@ -112,9 +152,7 @@ class _UnitWorker:
         """Tokenize a task (consecutive units) into shard `u{index}` (and its val shard)."""
         job, out = self.job, Path(self.job.output)
         name = shard_name(index)
-        for d in (out, out / "val"):  # leftovers of a killed run of this task
-            for tmp in glob.glob(str(d / f"{name}.*.tmp*")):
-                os.unlink(tmp)
+        _remove_tmp(out, name)  # leftovers of a killed run of this task (the part lock is ours)
         bad = BadRecords(job.bad_records, job.max_bad_fraction, warn_limit=max(0, WARN_LIMIT - self.warned))
         writers = {"train": store.ShardWriter(out, name, self.dtype), "val": None}
         if job.val_fraction > 0:
@@ -144,6 +182,18 @@ class _UnitWorker:
             raise
         self.report(0, 0, 0)  # flush
         self.warned += bad.warned
+        planned = dict(job.states)
+        seen = {u.path: planned.get(u.path) for u in units}
+        for path, state in seen.items():
+            if state is not None and file_state(path) != state:
+                for w in writers.values():
+                    if w is not None:
+                        w.abort()
+                raise DataError(
+                    f"input {path} changed while flame prepare was reading it",
+                    hint="run the same command again once it no longer changes: what was made from the "
+                    "old content is redone",
+                )
         infos = {}
         for split, w in writers.items():
             if w is None:
@@ -153,10 +203,19 @@ class _UnitWorker:
             else:
                 w.abort()  # no shard for a task without documents in this split
                 infos[split] = None
-        rec = {"units": [asdict(u) for u in units], **infos, "bad": bad.state_dict(), "stats": stats}
+        rec = {
+            "units": [asdict(u) for u in units],
+            "inputs": seen,
+            **infos,
+            "bad": bad.state_dict(),
+            "stats": stats,
+        }
         p = _record_path(job.output, index)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        store._atomic_write_json(p, rec)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise store.write_error("folder", p.parent, e) from None
+        store._atomic_write_json(p, rec, "unit record")
         return rec
 
     def _write(self, batch: list[Doc], writers: dict, stats: dict) -> int:
@@ -180,8 +239,34 @@ class _UnitWorker:
 _worker: _UnitWorker | None = None
 
 
-def _init_worker(job: _Job, progress_q) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _exit_with(parent: int, interval: float = 0.5) -> None:
+    """A watchdog thread: end this worker process when the `flame prepare` process that started it is
+    gone (a kill -9 gives it no chance to stop its workers), so no orphan keeps tokenizing."""
+    ppid = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != ppid or not _alive(parent):
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="flame-prepare-watchdog").start()
+
+
+def _init_worker(job: _Job, progress_q, parent: int | None = None) -> None:
     global _worker
+    if parent is not None:
+        _exit_with(parent)
     last = [time.monotonic(), 0, 0, 0]
 
     def report(docs: int, tokens: int, nbytes: int) -> None:
@@ -250,37 +335,154 @@ def _si(x: float) -> str:
     return f"{x:.0f}"
 
 
+def _make_dir(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if output.is_file() or e.errno == errno.EEXIST:
+            what = "is a file, not a directory"
+        else:
+            what = f"cannot be created: {e.strerror or e}"
+        raise DataError(f"store directory {output} {what}", hint="choose another --output") from None
+
+
+def _comparable(settings: dict) -> dict:
+    """What must not change between runs into one store (older settings files recorded input sizes
+    and a hash of the unit plan: an edited input is now redone unit by unit instead)."""
+    out = {k: v for k, v in settings.items() if k not in ("units", "version")}
+    inputs = out.get("inputs")
+    if isinstance(inputs, list):
+        out["inputs"] = [x[0] if isinstance(x, list) and x else x for x in inputs]
+    return out
+
+
 def _check_settings(output: Path, settings: dict) -> None:
     """Refuse to mix shards of different corpora, tokenizers or splits in one output directory."""
     p = output / SETTINGS
     if p.is_file():
-        old = json.loads(p.read_text())
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        old = store.read_json(p, output, "its settings file")
+        if not isinstance(old, dict):
+            raise store.damaged(
+                output, f"{SETTINGS} does not hold a JSON object", hint=f"delete {p}, then run again"
+            )
+        a, b = _comparable(old), _comparable(settings)
+        if "unit_bytes" not in a:  # an older settings file: its unit plan was checked by the records
+            b.pop("unit_bytes")
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         if diff:
+            detail = ""
+            if diff == ["inputs"] and isinstance(a.get("inputs"), list):
+                new = sorted(set(b["inputs"]) - set(map(str, a["inputs"])))
+                gone = sorted(set(map(str, a["inputs"])) - set(b["inputs"]))
+                detail = (
+                    " ("
+                    + "; ".join(
+                        x
+                        for x in (
+                            f"{len(new)} new, e.g. {new[0]}" if new else "",
+                            f"{len(gone)} no longer given, e.g. {gone[0]}" if gone else "",
+                        )
+                        if x
+                    )
+                    + ")"
+                )
             raise DataError(
-                f"{output} already holds a store prepared with different {', '.join(diff)}",
+                f"{output} already holds a store prepared with different {', '.join(diff)}{detail}",
                 hint="prepare into a new --output directory, or delete this one to start over",
             )
-    else:
-        try:
-            output.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            what = (
-                "is a file, not a directory" if output.is_file() else f"cannot be created: {e.strerror or e}"
-            )
-            raise DataError(f"store directory {output} {what}", hint="choose another --output") from None
-        store._atomic_write_json(p, settings)
+        if old.get("version") == settings["version"] and old.get("unit_bytes") == settings["unit_bytes"]:
+            return
+    store._atomic_write_json(p, settings, "settings file")
 
 
 def _save_tokenizer_copy(tok: Tokenizer, output: Path) -> None:
     """A copy of the tokenizer inside the store, so training and export need nothing else."""
     final = output / "tokenizer"
     tmp = output / f"tokenizer.tmp{os.getpid()}"
-    tok.save_pretrained(str(tmp))
-    final.mkdir(exist_ok=True)
-    for f in os.listdir(tmp):
-        os.replace(tmp / f, final / f)
+    try:
+        if load_tokenizer(str(final)).fingerprint == tok.fingerprint:
+            return  # a rerun: the copy is there already
+    except Exception:  # absent or incomplete: write it
+        pass
+    try:
+        tok.save_pretrained(str(tmp))
+        final.mkdir(exist_ok=True)
+        for f in os.listdir(tmp):
+            os.replace(tmp / f, final / f)
+    except Exception as e:  # OSError, or the tokenizers library's own error for a full disk
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise store.write_error("the tokenizer copy", final, e) from None
+        raise DataError(
+            f"cannot write the tokenizer copy {final}: {e}",
+            hint="check free space and permissions there, then run the same command again",
+        ) from None
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _PartLock:
+    """An flock per (store, part): two `flame prepare` runs (or two trainings preparing the same inputs
+    into one cache) never write the same shards at once; the second waits, then finds them done.
+    Released by the kernel when a process dies."""
+
+    def __init__(self, output: Path, part: tuple[int, int], log):
+        self.path = output / f".prepare-{part[0]}-of-{part[1]}.lock"
+        self.log = log
+        self.fd: int | None = None
+
+    def __enter__(self) -> _PartLock:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise store.write_error("lock file", self.path, e) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    owner = json.loads(os.pread(fd, 256, 0) or b"{}").get("pid", "?")
+                except (ValueError, UnicodeDecodeError, AttributeError):
+                    owner = "?"
+                self.log(
+                    f"{self.path.parent}: another flame prepare (pid {owner}) is writing this part; waiting for it"
+                )
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise store.write_error("lock file", self.path, e) from None
+            # a filesystem without locks: prepare still works, but only one run per part at a time
+            self.log(
+                f"note: {self.path.parent} does not support file locks; run one prepare per part at a time"
+            )
+        try:  # who holds it, for the message of a run that waits (best effort: the disk may be full)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid()}).encode(), 0)
+        except OSError:
+            pass
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+
+def _check_bounds(part, val_fraction, max_bad_fraction, unit_bytes, bad_records) -> None:
+    i_part, n_parts = part
+    if not (n_parts >= 1 and 0 <= i_part < n_parts):
+        raise DataError(f"part {i_part}/{n_parts}: expected I/N with 0 <= I < N")
+    if not 0 <= val_fraction < 1:  # also refuses nan
+        raise DataError(f"val_fraction = {val_fraction} must be in [0, 1) (a fraction of the documents)")
+    if not 0 < max_bad_fraction <= 1:
+        raise DataError(
+            f"max_bad_fraction = {max_bad_fraction} must be in (0, 1] (a fraction of the records)"
+        )
+    if not (isinstance(unit_bytes, int) and 1 <= unit_bytes <= MAX_UNIT_MB << 20):
+        raise DataError(f"unit_bytes = {unit_bytes} must be an integer in [1, {MAX_UNIT_MB << 20}]")
+    if bad_records not in ("skip", "error"):
+        raise DataError(f"bad_records = {bad_records!r} must be 'skip' or 'error'")
 
 
 def prepare(
@@ -302,23 +504,57 @@ def prepare(
     complete (with a "val" entry when val_fraction > 0), else this part's info and the missing parts.
 
     workers > 1 starts worker processes (forkserver/spawn): a script calling this needs the usual
-    `if __name__ == "__main__":` guard. Re-running with the same arguments resumes.
+    `if __name__ == "__main__":` guard. Re-running with the same arguments resumes; a unit whose
+    input changed (size or mtime) since it was prepared is prepared again. Runs of the same part
+    into one store take turns (a file lock), so a second one waits and then reuses the first's work.
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    i_part, n_parts = part
-    if not (n_parts >= 1 and 0 <= i_part < n_parts):
-        raise DataError(f"part {i_part}/{n_parts}: expected I/N with 0 <= I < N")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"val_fraction = {val_fraction} must be in [0, 1)")
+    _check_bounds(part, val_fraction, max_bad_fraction, unit_bytes, bad_records)
     tok = load_tokenizer(tokenizer)
-    paths = expand_inputs(inputs)
-    units = plan_units(paths, unit_bytes)
     out = Path(output)
+    _make_dir(out)
+    opts = dict(
+        workers=workers,
+        part=part,
+        text_field=text_field,
+        val_fraction=val_fraction,
+        bad_records=bad_records,
+        max_bad_fraction=max_bad_fraction,
+        progress=progress,
+        unit_bytes=unit_bytes,
+        log=log,
+    )
+    with _PartLock(out, part, log):
+        return _prepare_locked(inputs, tokenizer, tok, out, **opts)
+
+
+def _prepare_locked(
+    inputs: list[str],
+    tokenizer: str,
+    tok: Tokenizer,
+    out: Path,
+    *,
+    workers: int,
+    part: tuple[int, int],
+    text_field: str,
+    val_fraction: float,
+    bad_records: str,
+    max_bad_fraction: float,
+    progress: bool,
+    unit_bytes: int,
+    log,
+) -> dict:
+    i_part, n_parts = part
+    output = str(out)
+    paths = expand_inputs(inputs, log)
+    states = {p: file_state(p) for p in paths}
+    units = plan_units(paths, unit_bytes)
     dtype = store.token_dtype(tok.vocab_size)
     settings = {
+        "version": SETTINGS_VERSION,
         "tokenizer": tok.fingerprint,
-        "inputs": [[p, os.path.getsize(p) if os.path.isfile(p) else -1] for p in paths],
-        "units": hashlib.sha256(json.dumps([asdict(u) for u in units]).encode()).hexdigest(),
+        "inputs": paths,
+        "unit_bytes": unit_bytes,
         "text_field": text_field,
         "val_fraction": val_fraction,
         "num_parts": n_parts,
@@ -329,12 +565,24 @@ def prepare(
     mine = [(i, t) for i, t in enumerate(plan_tasks(units, unit_bytes)) if i % n_parts == i_part]
     records: dict[int, dict] = {}
     todo = []
+    changed: set[str] = set()
+    redone = 0
     for i, t in mine:
-        rec = _done_record(output, i, dtype.itemsize)
-        if rec is None:
-            todo.append((i, t))
-        else:
+        rec = _load_record(output, i)
+        if rec is not None and _record_usable(output, rec, t, states, dtype.itemsize):
             records[i] = rec
+            continue
+        if rec is not None:
+            changed |= _changed_inputs(rec, states)
+            redone += 1
+        todo.append((i, t))
+    if changed:
+        first = sorted(changed)[0]
+        log(
+            f"input {first}{f' and {len(changed) - 1} more' if len(changed) > 1 else ''} changed since "
+            f"{'its' if len(changed) == 1 else 'their'} shards were prepared: preparing the "
+            f"{redone} affected shard(s) again"
+        )
     if workers <= 0:
         workers = os.cpu_count() or 1
     workers = max(1, min(workers, len(todo)))
@@ -348,6 +596,7 @@ def prepare(
         max_bad_fraction=max_bad_fraction,
         sources=tuple(paths),
         threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0,
+        states=tuple(states.items()),
     )
     bad = BadRecords(bad_records, max_bad_fraction)
     for rec in records.values():
@@ -372,7 +621,7 @@ def prepare(
         )
     if bad.bad_count or bad.empty_count:
         log(f"{label}: {bad.summary()}")
-    return _finish(out, tok, paths, dtype, records, bad, part, val_fraction, max_bad_fraction, log)
+    return _finish(out, tok, paths, states, dtype, records, bad, part, val_fraction, max_bad_fraction, log)
 
 
 def plan_tasks(units: list[Unit], target_bytes: int) -> list[list[Unit]]:
@@ -400,8 +649,11 @@ def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, prog
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     progress_q = ctx.Queue()
     done: queue.SimpleQueue = queue.SimpleQueue()
+    finished: set[int] = set()
     # an executor, not mp.Pool: a worker that dies (OOM kill) fails the run instead of hanging it
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job, progress_q))
+    pool = ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(job, progress_q, os.getpid())
+    )
     try:
         for i, t in todo:
             pool.submit(_run_in_worker, i, t).add_done_callback(done.put)
@@ -423,6 +675,7 @@ def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, prog
                 if err is not None:
                     raise DataError(err[0], hint=err[1])
                 left -= 1
+                finished.add(i)
                 yield i, rec
         while True:  # the last progress increments
             try:
@@ -434,15 +687,25 @@ def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, prog
         for proc in list(getattr(pool, "_processes", {}).values()):
             proc.terminate()
         pool.shutdown(wait=True, cancel_futures=True)
+        for i, _ in todo:  # what the stopped workers had half-written (the part lock is ours)
+            if i not in finished:
+                _remove_tmp(Path(job.output), shard_name(i))
 
 
 def _part_info(
-    tok: Tokenizer, paths: list[str], dtype: np.dtype, shards: list[dict], bad: BadRecords
+    tok: Tokenizer, paths: list[str], states: dict, dtype: np.dtype, shards: list[dict], bad: BadRecords
 ) -> dict:
     sources = []
     for p in paths:
-        st = os.stat(p) if os.path.exists(p) else None
-        sources.append({"path": p, "size": st.st_size if st else -1, "mtime": st.st_mtime if st else -1})
+        st = states.get(p)
+        sources.append(
+            {
+                "path": p,
+                "size": st[0] if st else -1,
+                "mtime": st[1] / 1e9 if st else -1,
+                "state": st,
+            }
+        )
     return {
         "tokenizer": {
             "spec": tok.spec,
@@ -459,14 +722,14 @@ def _part_info(
 
 
 def _finish(
-    out: Path, tok, paths, dtype, records: dict, bad: BadRecords, part, val_fraction, max_bad, log
+    out: Path, tok, paths, states, dtype, records: dict, bad: BadRecords, part, val_fraction, max_bad, log
 ) -> dict:
     i_part, n_parts = part
     order = sorted(records)
     dirs = {"train": out, "val": out / "val"} if val_fraction > 0 else {"train": out}
     for split, d in dirs.items():
         shards = [records[i][split] for i in order if records[i][split] is not None]
-        store.write_part_manifest(d, i_part, n_parts, _part_info(tok, paths, dtype, shards, bad))
+        store.write_part_manifest(d, i_part, n_parts, _part_info(tok, paths, states, dtype, shards, bad))
     status = store.store_status(out)
     if status["missing"]:
         log(f"part {i_part}/{n_parts} complete; still missing parts {status['missing']}")
@@ -485,8 +748,16 @@ def _check_usable(out: Path, n_parts: int, max_bad: float) -> None:
     """No usable document in the whole corpus is an error, before the store is marked finished."""
     total = BadRecords(max_fraction=max_bad)
     for i in range(n_parts):
-        info = json.loads((out / "parts" / f"part-{i}-of-{n_parts}.json").read_text())
-        total.merge(info.get("bad_state") or {"good": 1, "bad": 0, "empty": 0, "reasons": {}, "first": None})
+        info = store.read_json(store.part_path(out, i, n_parts), out, "part manifest")
+        state = info.get("bad_state") if isinstance(info, dict) else None
+        try:
+            total.merge(state or {"good": 1, "bad": 0, "empty": 0, "reasons": {}, "first": None})
+        except (KeyError, TypeError, AttributeError):
+            raise store.damaged(
+                out,
+                f"parts/part-{i}-of-{n_parts}.json: bad_state is malformed",
+                hint=f"run `flame prepare ... --part {i}/{n_parts}` again (its finished shards are kept)",
+            ) from None
     total.check_finished(f"the inputs of {out}")
 
 
@@ -518,20 +789,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--part", type=_parse_part, default=(0, 1), metavar="I/N", help="prepare only part I of N")
     p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/HF records")
     p.add_argument(
-        "--val-fraction", type=float, default=0.0, help="fraction of documents routed to <output>/val"
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of documents routed to <output>/val, in [0, 1)",
     )
     p.add_argument(
         "--bad-records", choices=("skip", "error"), default="skip", help="skip (count, warn) or error"
     )
     p.add_argument(
-        "--max-bad-fraction", type=float, default=0.5, help="stop when more records than this are bad"
+        "--max-bad-fraction",
+        type=float,
+        default=0.5,
+        help="stop when more records than this fraction are bad, in (0, 1]",
     )
     p.add_argument(
-        "--unit-mb", type=float, default=64, help="split big uncompressed files into ~this many MB"
+        "--unit-mb",
+        type=float,
+        default=64,
+        help=f"split the work into units (shards) of about this many MB, in [{MIN_UNIT_MB:.4g}, {MAX_UNIT_MB}]",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, only a summary line")
     p.add_argument(
         "--status", metavar="STORE", help="show which parts of STORE are complete; exit 1 if not all"
+    )
+    p.add_argument(
+        "--verify",
+        metavar="STORE",
+        help="check every shard of STORE (sizes, SHA-256, token ids, document index); damaged shards are "
+        "set aside so that re-running the command that made STORE prepares them again; exit 1 if any",
     )
     return p
 
@@ -546,6 +832,13 @@ def status_text(path: str) -> tuple[str, bool]:
         if name != "store" and not sd.is_dir():
             continue
         st = store.store_status(sd)
+        if (sd / "manifest.json.damaged").is_file():
+            lines.append(
+                f"{name} {sd}: damaged shards were set aside by `flame prepare --verify`; run the command "
+                "that made it again to prepare them anew"
+            )
+            complete = False
+            continue
         if st["parts"] == 0:
             lines.append(f"{name} {sd}: no part prepared yet")
             complete = False
@@ -560,16 +853,107 @@ def status_text(path: str) -> tuple[str, bool]:
     return "\n".join(lines), complete
 
 
+def _set_aside(path: Path) -> bool:
+    if not path.exists():
+        return False
+    os.replace(path, path.with_name(path.name + ".damaged"))
+    return True
+
+
+def _check_one(d: Path, dtype: np.dtype, vocab: int, n_src: int, shard: dict) -> str | None:
+    return store.check_shard(d, shard, dtype, vocab, n_src)
+
+
+def verify_store(path: str, workers: int = 0, log=None) -> list[str]:
+    """Check every shard of a store and of its `val` part; set the damaged ones aside (their unit
+    records, the part manifests that list them and the store manifest get a `.damaged` suffix), so
+    the store is not used until the command that made it is run again, which redoes only those
+    shards. Returns the problems found (empty: the store is intact)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    root = Path(path)
+    if not (root / "manifest.json").is_file():
+        if not root.is_dir():
+            raise DataError(f"no such store directory '{path}'")
+        raise DataError(
+            f"{path} has no manifest.json: not a finished store",
+            hint="`flame prepare --status STORE` says what is missing",
+        )
+    problems: list[str] = []
+    t0 = time.monotonic()
+    nbytes = nshards = 0
+    workers = workers if workers > 0 else (os.cpu_count() or 1)
+    for d in (root, root / "val"):
+        mf = d / "manifest.json"
+        if d != root and not mf.is_file():
+            continue
+        m = store.read_json(mf, d, "its manifest")
+        store.validate_manifest(m, d)
+        dtype = np.dtype(m["dtype"])
+        vocab, n_src = m["tokenizer"]["vocab_size"], len(m["sources"])
+        with ThreadPoolExecutor(workers) as ex:  # hashlib and file reads release the GIL
+            found = list(ex.map(functools.partial(_check_one, d, dtype, vocab, n_src), m["shards"]))
+        nshards += len(m["shards"])
+        nbytes += sum(s["tokens"] * dtype.itemsize + s["documents"] * 24 for s in m["shards"])
+        bad = [(s, p) for s, p in zip(m["shards"], found) if p]
+        if not bad:
+            continue
+        n_parts = m.get("parts", 1) if isinstance(m.get("parts"), int) and m.get("parts", 0) > 0 else 1
+        for s, problem in bad:
+            problems.append(f"{d}: {problem}")
+            name = s["name"]
+            if name.startswith("u") and name[1:].isdigit():
+                index = int(name[1:])
+                _set_aside(_record_path(str(root), index))
+                _set_aside(store.part_path(d, index % n_parts, n_parts))
+        _set_aside(mf)
+    dt = time.monotonic() - t0
+    rate = (
+        f"{nbytes / 1e6:,.1f} MB in {dt:.1f}s ({nbytes / max(dt, 1e-9) / 1e9:.2f} GB/s, {workers} thread(s))"
+    )
+    if problems:
+        log(f"store {path}: {len(problems)} of {nshards} shard(s) damaged ({rate}):")
+        for p in problems[:20]:
+            log(f"  {p}")
+        if len(problems) > 20:
+            log(f"  ... and {len(problems) - 20} more")
+    else:
+        log(f"store {path}: all {nshards} shard(s) intact ({rate})")
+    return problems
+
+
 def cli(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.status:
         text, complete = status_text(args.status)
         print(text)
         return 0 if complete else 1
+    if args.verify:
+        problems = verify_store(args.verify, args.workers)
+        if problems:
+            print(
+                f"error: store {args.verify} is damaged; its damaged shards were set aside (*.damaged)\n"
+                "  hint: run the `flame prepare` command that made it again (for a store that `flame train` "
+                "prepared from data.inputs: the same `flame train` command): only those shards are "
+                "tokenized again",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
     if not args.input or not args.output:
-        _parser().error("--input and --output are required (or --status STORE)")
-    if not args.unit_mb > 0:
-        _parser().error(f"--unit-mb {args.unit_mb} must be > 0")
+        parser.error("--input and --output are required (or --status STORE, or --verify STORE)")
+    if not MIN_UNIT_MB <= args.unit_mb <= MAX_UNIT_MB:  # also refuses nan and inf
+        parser.error(
+            f"--unit-mb {args.unit_mb} must be in [{MIN_UNIT_MB:.4g}, {MAX_UNIT_MB}] (MB per unit of work)"
+        )
+    if not 0 < args.max_bad_fraction <= 1:
+        parser.error(
+            f"--max-bad-fraction {args.max_bad_fraction} must be in (0, 1] (a fraction of the records)"
+        )
+    if not 0 <= args.val_fraction < 1:
+        parser.error(f"--val-fraction {args.val_fraction} must be in [0, 1) (a fraction of the documents)")
     prepare(
         args.input,
         args.tokenizer,

@@ -7,12 +7,14 @@ counter, which warns with file:line, summarises, and stops a run on a mostly-bad
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import glob
 import gzip
 import io
 import json
 import os
+import stat
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator
@@ -60,23 +62,124 @@ def _check_readable(path: str, spec: str) -> None:
         raise DataError(f"input '{spec}': cannot read {path} (permission denied)", hint="fix its permissions")
 
 
-def _walk(folder: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+class _Skipped:
+    """What an expansion left out: entries that are not regular files, and paths that lead to a file
+    (or folder) already included through another path (symbolic links)."""
+
+    def __init__(self) -> None:
+        self.special: list[tuple[str, str]] = []  # (path, what it is)
+        self.special_reals: set[str] = set()
+        self.duplicates = 0
+        self.loops = 0
+
+
+def _special_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def _regular(path: str, skipped: _Skipped) -> bool:
+    """True for a regular file (through links); anything else is counted and left out: reading a FIFO
+    or a device would block forever or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        skipped.special.append((path, "a broken symbolic link"))
+        return False
+    if stat.S_ISREG(mode):
+        return True
+    real = os.path.realpath(path)
+    if real not in skipped.special_reals:
+        skipped.special_reals.add(real)
+        skipped.special.append((path, _special_kind(mode)))
+    return False
+
+
+def _tree(top: str, skipped: _Skipped) -> Iterator[tuple[str, bool]]:
+    """(path, is_dir) of every entry under `top` outside hidden folders, following symbolic links to
+    folders but entering each real folder once: a link loop ends, and a linked folder is not read twice."""
+    seen = {os.path.realpath(top)}
+    for root, dirs, files in os.walk(top, followlinks=True):
         keep = []
         for d in sorted(dirs):
-            full = os.path.join(root, d)
             if d.startswith("."):
                 continue
-            if _is_saved_dataset(full):
-                found.append(os.path.normpath(full))
-            else:
-                keep.append(d)
+            full = os.path.join(root, d)
+            real = os.path.realpath(full)
+            if real in seen:
+                skipped.loops += 1
+                continue
+            seen.add(real)
+            keep.append(d)
+            yield full, True
         dirs[:] = keep
-        for f in files:
-            if not f.startswith(".") and f.lower().endswith(CORPUS_EXTS):
-                found.append(os.path.normpath(os.path.join(root, f)))
+        for f in sorted(files):
+            yield os.path.join(root, f), False
+
+
+def _walk(folder: str, skipped: _Skipped) -> list[str]:
+    found = []
+    saved: set[str] = set()
+    for full, is_dir in _tree(folder, skipped):
+        parent = os.path.dirname(full)
+        if any(parent == s or parent.startswith(s + os.sep) for s in saved):
+            continue  # inside a saved dataset folder: the folder is the input
+        if is_dir:
+            if _is_saved_dataset(full):
+                saved.add(full)
+                found.append(os.path.normpath(full))
+        elif (
+            not os.path.basename(full).startswith(".")
+            and full.lower().endswith(CORPUS_EXTS)
+            and _regular(full, skipped)
+        ):
+            found.append(os.path.normpath(full))
     return found
+
+
+def _match_parts(pattern: list[str], parts: list[str]) -> bool:
+    """glob-style match of path components; a '**' component matches zero or more components."""
+    if not pattern:
+        return not parts
+    head = pattern[0]
+    if head == "**":  # like glob: it never matches a hidden name
+        for i in range(len(parts) + 1):
+            if _match_parts(pattern[1:], parts[i:]):
+                return True
+            if i < len(parts) and parts[i].startswith("."):
+                return False
+        return False
+    if not parts:
+        return False
+    if parts[0].startswith(".") and not head.startswith("."):
+        return False
+    return fnmatch.fnmatchcase(parts[0], head) and _match_parts(pattern[1:], parts[1:])
+
+
+def _recursive_glob(spec: str, skipped: _Skipped) -> list[str]:
+    """glob(spec, recursive=True) that enters each real folder once (glob follows link loops)."""
+    parts = spec.split(os.sep)
+    i = 0
+    while i < len(parts) and not glob.has_magic(parts[i]):
+        i += 1
+    base = os.sep.join(parts[:i]) or (os.sep if spec.startswith(os.sep) else "")
+    pattern = [p for p in parts[i:] if p]
+    top = base or "."
+    if not os.path.isdir(top):
+        return []
+    out = []
+    if pattern == ["**"] and base:
+        out.append(base)
+    for full, _ in _tree(top, skipped):
+        rel = os.path.relpath(full, top)
+        if _match_parts(pattern, rel.split(os.sep)):
+            out.append(full if base else rel)
+    return out
 
 
 def _saved_dict_error(spec: str) -> DataError:
@@ -87,7 +190,12 @@ def _saved_dict_error(spec: str) -> DataError:
     )
 
 
-def _expand_one(spec: str) -> list[str]:
+def _expand_one(spec: str, skipped: _Skipped) -> list[str]:
+    if not spec.strip():
+        raise DataError(
+            "an input is an empty name ('')",
+            hint="give files, folders, globs ('data/**/*.jsonl.zst'), hf:NAME[:SPLIT] or 'stdlib'",
+        )
     if spec.startswith("hf:"):
         if len(spec.split(":")) > 4 or not spec.split(":")[1]:
             raise DataError(f"input '{spec}': expected hf:NAME, hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
@@ -100,17 +208,26 @@ def _expand_one(spec: str) -> list[str]:
             return [os.path.normpath(spec)]
         if os.path.isfile(os.path.join(spec, "dataset_dict.json")):
             raise _saved_dict_error(spec)
-        return _walk(spec)
+        return _walk(spec, skipped)
     if os.path.isfile(spec):
         return [os.path.normpath(spec)]
+    if os.path.exists(spec):  # named explicitly, yet not a regular file: reading it could block forever
+        raise DataError(
+            f"input '{spec}' is {_special_kind(os.stat(spec).st_mode)}; flame reads regular files only",
+            hint="copy the data into a file first",
+        )
+    if os.path.islink(spec):
+        raise DataError(f"input '{spec}' is a broken symbolic link", hint="fix the link or give its target")
     if glob.has_magic(spec):
         # a pattern naming an extension ("*.py") keeps every match; "data/**" keeps corpus files only
         explicit = "." in os.path.basename(spec)
+        matches = _recursive_glob(spec, skipped) if "**" in spec.split(os.sep) else glob.glob(spec)
         out = []
-        for m in glob.glob(spec, recursive=True):
-            if os.path.isfile(m) and (explicit or m.lower().endswith(CORPUS_EXTS)):
-                out.append(os.path.normpath(m))
-            elif _is_saved_dataset(m):
+        for m in matches:
+            if os.path.isdir(m):
+                if _is_saved_dataset(m):
+                    out.append(os.path.normpath(m))
+            elif (explicit or m.lower().endswith(CORPUS_EXTS)) and _regular(m, skipped):
                 out.append(os.path.normpath(m))
         return out
     raise DataError(
@@ -119,25 +236,79 @@ def _expand_one(spec: str) -> list[str]:
     )
 
 
-def expand_inputs(specs: list[str] | str) -> list[str]:
-    """Files, folders (recursive), globs, hf:NAME[:SPLIT], saved datasets, 'stdlib' -> sorted unique paths."""
+def expand_inputs(specs: list[str] | str, log: Callable[[str], None] | None = None) -> list[str]:
+    """Files, folders (recursive), globs, hf:NAME[:SPLIT], saved datasets, 'stdlib' -> sorted unique paths.
+
+    A file reached through several paths (symbolic links to it or to a folder above it) is read
+    once, under the first of its paths in sorted order; link loops end. Entries that are not regular
+    files (FIFOs, sockets, devices, broken links) are left out with a counted warning to `log`
+    (stderr by default); one named explicitly is an error.
+    """
+    log = log or _stderr
     if isinstance(specs, str):
         specs = [specs]
     if not specs:
         raise DataError("no inputs given", hint="pass at least one file, folder or glob (or 'stdlib')")
     out: set[str] = set()
+    skipped = _Skipped()
     for spec in specs:
-        found = _expand_one(spec)
+        found = _expand_one(spec, skipped)
         if not found:
             raise DataError(
                 f"input '{spec}' matches no files",
-                hint=f"folders contribute files ending {', '.join(CORPUS_EXTS)} (hidden files are skipped)",
+                hint=f"folders contribute regular files ending {', '.join(CORPUS_EXTS)} (hidden files are skipped)",
             )
         for p in found:
             if not p.startswith("hf:"):
                 _check_readable(p, spec)
         out.update(found)
-    return sorted(out)
+    unique: list[str] = []
+    reals: set[str] = set()
+    for p in sorted(out):
+        real = p if p.startswith("hf:") else os.path.realpath(p)
+        if real in reals:
+            skipped.duplicates += 1
+            continue
+        reals.add(real)
+        unique.append(p)
+    if skipped.special:
+        kinds: dict[str, int] = {}
+        for _, what in skipped.special:
+            kinds[what] = kinds.get(what, 0) + 1
+        n = len(skipped.special)
+        log(
+            f"warning: skipped {n} input entr{'y' if n == 1 else 'ies'} that "
+            f"{'is' if n == 1 else 'are'} not a regular file ("
+            + ", ".join(f"{c} x {w}" for w, c in sorted(kinds.items()))
+            + f"); first: {skipped.special[0][0]}"
+        )
+    if skipped.duplicates or skipped.loops:
+        log(
+            f"note: {skipped.duplicates + skipped.loops} input path(s) lead to a file or folder already "
+            "included (symbolic links); each file is read once"
+        )
+    return unique
+
+
+def file_state(path: str) -> list[int] | None:
+    """[size, mtime in ns] of an input file (for a folder: of its files together), None for hub names.
+
+    Recorded with every prepared unit, so a rerun notices an input that was edited in between."""
+    if path.startswith("hf:"):
+        return None
+    try:
+        st = os.stat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            return [st.st_size, st.st_mtime_ns]
+        size, mtime = 0, st.st_mtime_ns
+        for e in os.scandir(path):
+            if e.is_file():
+                est = e.stat()
+                size += est.st_size
+                mtime = max(mtime, est.st_mtime_ns)
+        return [size, mtime]
+    except OSError:
+        return [-1, -1]
 
 
 # ---------------------------------------------------------------- units
@@ -229,6 +400,14 @@ def plan_units(paths: list[str], target_bytes: int = 64 << 20) -> list[Unit]:
     return units
 
 
+def _row_group_bytes(rg) -> int:
+    """Compressed on-disk bytes of a parquet row group (the sum over its column chunks)."""
+    size = getattr(rg, "total_compressed_size", None)  # not every pyarrow version has it
+    if size is None:
+        size = sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))
+    return int(size)
+
+
 def unit_bytes(unit: Unit) -> int:
     """Approximate on-disk bytes of a unit (for progress and ETA)."""
     if unit.path.startswith("hf:"):
@@ -238,7 +417,7 @@ def unit_bytes(unit: Unit) -> int:
         return ds.data.nbytes * (unit.stop - unit.start) // max(len(ds), 1)
     if unit.kind == "parquet":
         meta = _parquet_file(unit.path).metadata
-        return sum(meta.row_group(g).total_compressed_size for g in range(unit.start, unit.stop))
+        return sum(_row_group_bytes(meta.row_group(g)) for g in range(unit.start, unit.stop))
     stop = os.path.getsize(unit.path) if unit.stop < 0 else unit.stop
     return stop - unit.start
 

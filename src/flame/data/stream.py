@@ -297,6 +297,7 @@ def make_batch(ids: np.ndarray, doc_start: np.ndarray | None) -> dict:
         "position_ids": torch.from_numpy(pos).view(1, -1),
         "cu_seqlens": torch.from_numpy(cu),
         "max_seqlen": int(seg.max()),
+        "num_targets": B * L - 1 - (len(cu) - 2),  # every position after the first but boundaries
     }
 
 

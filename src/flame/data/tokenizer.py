@@ -50,8 +50,15 @@ def _write_hf_dir(tok, out_dir: str, eos_token: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     tok.save(os.path.join(out_dir, "tokenizer.json"))
     config = {
+        # the generic fast tokenizer: tokenizer.json as it is (a model-specific class may rebuild it)
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": eos_token,
+        "pad_token": eos_token,  # as in generation_config.json; padding never reaches training
+        # no other special token, and none added around a text: flame encodes text alone
+        "bos_token": None,
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_eos_token": False,
         # text is data: literal special-token strings are not turned into special ids (as in flame)
         "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
@@ -60,7 +67,81 @@ def _write_hf_dir(tok, out_dir: str, eos_token: str) -> None:
     with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
-        json.dump({"eos_token": eos_token}, f, indent=2)
+        json.dump({"eos_token": eos_token, "pad_token": eos_token}, f, indent=2)
+
+
+# Text an exported tokenizer must encode exactly as flame does: several scripts, digit runs,
+# whitespace runs (spaces, tabs, CR LF, blank lines), code, emoji (also ZWJ sequences), a
+# decomposed accent (unchanged only without a Unicode normalizer) and a literal special token.
+PROBE_TEXT = (
+    "The year 2024: 12345 + 678 = 13023; pi ~ 3.14159, 1e-9, 0x1F, 1,000,000.\n"
+    "naïve café Ünïcödé, straße; ελληνικά, русский текст, 中文文本, 日本語のテキスト, 한국어, "
+    "العربية, हिन्दी, עברית.\n"
+    "Emoji: 🚀🔥 👩‍💻 🇫🇷 ✓; decomposed: cafe\u0301 vs café.\n"
+    'def f(x, y=2):\n    """Doc."""\n\tif x  >=  y:\n\t\treturn {\'a\': [1, 2]}  # ok\n\n\n'
+    "    trailing   spaces   \r\n  <|endoftext|> and </s> are plain text here.   "
+)
+
+
+def _first_difference(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def transformers_mismatch(tok: Tokenizer, folder: str) -> str | None:
+    """Why `AutoTokenizer.from_pretrained(folder)` does not encode like `tok`, or None when it does.
+
+    Compared on PROBE_TEXT (plus the tokenizer's own EOS string as text): the ids with and without
+    `add_special_tokens`, the EOS id, the number of tokens, and the decoded text.
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its notes about the class it picked are reported below instead
+    try:
+        hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        return f"transformers cannot load it: {e}"
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    name = type(hf).__name__
+    text = PROBE_TEXT + f" {getattr(tok, 'eos_token', ByteTokenizer.EOS)} "
+    ours = tok.encode_batch([text])[0].tolist()
+    for label, theirs in (
+        ("encode(text, add_special_tokens=False)", hf.encode(text, add_special_tokens=False)),
+        ("tokenizer(text)", hf(text)["input_ids"]),
+    ):
+        if theirs != ours:
+            i = _first_difference(ours, theirs)
+            return (
+                f"transformers loads it as {name}, whose {label} gives {len(theirs)} tokens where flame's "
+                f"gives {len(ours)}; first difference at token {i}: flame {ours[i : i + 4]} "
+                f"({tok.decode(ours[i : i + 4])!r}), transformers {theirs[i : i + 4]} "
+                f"({hf.decode(theirs[i : i + 4])!r})"
+            )
+    if hf.eos_token_id != tok.eos_id:
+        return f"transformers loads it as {name}, whose EOS id is {hf.eos_token_id}, not {tok.eos_id}"
+    if len(hf) != tok.vocab_size:
+        return f"transformers loads it as {name} with {len(hf)} tokens, not {tok.vocab_size}"
+    decoded = hf.decode(ours, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if decoded != tok.decode(ours):
+        return f"transformers loads it as {name}, which decodes the probe text differently: {decoded!r}"
+    return None
+
+
+def keep_tokenizer_json(folder: str) -> None:
+    """Make transformers load <folder>/tokenizer.json as it is, also where a model type's tokenizer
+    class would rebuild it from the vocabulary (transformers 5 does so for some types, e.g. qwen2:
+    Qwen2Tokenizer replaces the pre-tokenizer and adds a normalizer, whatever tokenizer_class says).
+
+    The class's constructor reads the file as it is when `trust_remote_code` reaches it; no code is
+    loaded (the directory has none, and no auto_map).
+    """
+    path = os.path.join(folder, "tokenizer_config.json")
+    config = _read_json(Path(path))
+    config["trust_remote_code"] = True
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -209,3 +290,54 @@ def load_tokenizer(spec: str) -> Tokenizer:
         tok.spec = spec
         return tok
     return HFTokenizer(spec)
+
+
+def _has_type(node, name: str) -> bool:
+    """Whether a tokenizer.json component (or any part of a Sequence of them) is of type `name`."""
+    if isinstance(node, dict):
+        return node.get("type") == name or any(_has_type(v, name) for v in node.values())
+    if isinstance(node, list):
+        return any(_has_type(v, name) for v in node)
+    return False
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes of text each token id stands for (int64 [vocab_size]); 0 for EOS and specials.
+
+    Exact for the byte tokenizer (1 per byte id) and for byte-level BPE (a ByteLevel decoder: each
+    character of a token is one byte of the GPT-2 byte<->unicode map). Other tokenizers get an
+    approximation: the bytes of the token decoded on its own, with a SentencePiece word-start
+    marker counted as its space and a byte-fallback token `<0xHH>` as one byte. Bits per byte uses it.
+    """
+    if isinstance(tok, ByteTokenizer):
+        out = np.ones(tok.vocab_size, np.int64)
+        out[tok.eos_id] = 0
+        return out
+    hf = getattr(tok, "_tok", None)
+    if hf is None:  # another implementation of the interface: decode each id on its own
+        out = np.array([len(tok.decode([i]).encode("utf-8")) for i in range(tok.vocab_size)], np.int64)
+        out[tok.eos_id] = 0
+        return out
+    spec = json.loads(hf.to_str())
+    vocab = hf.get_vocab(with_added_tokens=False)  # token string -> id
+    size = max([tok.vocab_size, *(i + 1 for i in vocab.values())])
+    out = np.zeros(size, np.int64)
+    if _has_type(spec.get("decoder"), "ByteLevel"):
+        char_byte = set(bytes_to_unicode().values())
+        for piece, i in vocab.items():
+            out[i] = len(piece) if all(c in char_byte for c in piece) else len(piece.encode("utf-8"))
+    else:
+        ids = sorted(vocab.values())
+        texts = hf.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        fallback = _has_type(spec.get("decoder"), "ByteFallback")
+        by_id = dict(zip(ids, texts))
+        for piece, i in vocab.items():
+            text = by_id[i]
+            if fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                out[i] = 1
+            else:
+                out[i] = len(text.encode("utf-8")) + (piece.startswith("▁") and not text.startswith(" "))
+    for added in spec.get("added_tokens", []):  # literal text unless special
+        out[added["id"]] = 0 if added.get("special") else len(added["content"].encode("utf-8"))
+    out[tok.eos_id] = 0
+    return out

@@ -1,0 +1,128 @@
+"""Bad run inputs (model functions, model shapes, signals, run directories, checkpoint metadata)
+are one clear error and a non-zero exit, never a traceback."""
+
+import json
+
+import pytest
+from conftest import tiny_overrides, write_config
+
+from flame.checkpoint import Checkpointer, list_checkpoints, verify
+from flame.cli import main
+from flame.config import load_config
+from flame.errors import CheckpointError, ConfigError, FlameError
+from flame.trainer import run_training
+
+
+def _cli(tmp_path, capsys, over):
+    cfg = write_config(tmp_path / "c.toml", over)
+    capsys.readouterr()
+    code = main(["train", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "name,expect",
+    [
+        ("json:loads", "needs argument(s) s"),
+        ("os:sep", "is not a function"),
+        ("fractions:Fraction", "returned Fraction, not an nn.Module"),
+        ("models_for_tests:broken", "failed: RuntimeError: the weights file is missing"),
+    ],
+)
+def test_model_functions_that_cannot_build(tmp_path, corpus, capsys, name, expect):
+    over = tiny_overrides(tmp_path / "r", corpus, **{"model.name": name, "model.overrides": {}})
+    code, err = _cli(tmp_path, capsys, over)
+    assert code == 2 and expect in err, err
+
+
+def _gpt2(tmp_path, **fields):
+    path = tmp_path / "gpt2.json"
+    base = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 128}
+    path.write_text(json.dumps({**base, **fields}))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "fields,expect",
+    [
+        ({"n_positions": 16}, "cover 16 positions, fewer than data.context_len = 64"),
+        ({"n_layer": 0}, "layers = 0 builds a model without layers"),
+    ],
+)
+def test_model_shapes_that_would_fail_mid_run(tmp_path, corpus, capsys, fields, expect):
+    over = tiny_overrides(tmp_path / "r", corpus, **{"model.name": _gpt2(tmp_path, **fields)})
+    over.pop("model.overrides")
+    code, err = _cli(tmp_path, capsys, over)
+    assert code == 2 and expect in err, err
+    assert not (tmp_path / "r" / "data").exists()  # refused before the corpus was prepared
+
+
+@pytest.mark.parametrize("sig,expect", [("SIGKILL", "cannot be caught"), ("SIG_DFL", "not a signal name")])
+def test_uncatchable_or_unknown_signals_are_config_errors(sig, expect):
+    with pytest.raises(ConfigError, match=expect):
+        load_config(["--train.preempt_signals", sig])
+
+
+def test_unwritable_run_directory(tmp_path, corpus, monkeypatch):
+    import flame.runguard as rg
+
+    real = rg.os.open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(".lock"):
+            raise OSError(30, "Read-only file system")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(rg.os, "open", read_only)
+    with pytest.raises(FlameError, match="cannot write to train.run_dir .*Read-only file system"):
+        run_training(load_config(overrides=tiny_overrides(tmp_path / "r", corpus)))
+
+
+@pytest.mark.parametrize("marker", ["[1, 2]", "7", '{"files": [1]}', '{"files": {"a": {"size": "x"}}}'])
+def test_malformed_complete_markers_are_damage_not_tracebacks(tmp_path, corpus, marker):
+    run = tmp_path / "r"
+    run_training(
+        load_config(overrides=tiny_overrides(run, corpus, **{"train.max_steps": 2, "checkpoint.interval": 1}))
+    )
+    latest = list_checkpoints(run / "checkpoints")[-1]
+    (latest / "COMPLETE").write_text(marker)
+    assert "COMPLETE marker" in verify(latest)
+    assert Checkpointer(run, keep=2, log=lambda m: None).find_latest().name == "step-00000001"
+
+
+def test_odd_names_in_the_checkpoint_folder_are_ignored(tmp_path, corpus):
+    run = tmp_path / "r"
+    run_training(
+        load_config(overrides=tiny_overrides(run, corpus, **{"train.max_steps": 2, "checkpoint.interval": 1}))
+    )
+    root = run / "checkpoints"
+    for odd in ("step-abc", "step-00000009.bak"):
+        (root / odd).mkdir()
+        (root / odd / "COMPLETE").write_text('{"files": {}}')
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000001", "step-00000002"]
+    r = run_training(load_config(overrides=tiny_overrides(run, corpus, **{"train.max_steps": 3})))
+    assert r["step"] == 3
+
+
+def test_a_full_disk_during_a_save_says_so(tmp_path, corpus, monkeypatch):
+    run = tmp_path / "r"
+    import flame.checkpoint as ck
+
+    def torn(*a, **k):
+        raise OSError("unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(ck.dcp, "save", torn)
+    monkeypatch.setattr(ck, "_free_bytes", lambda path: 3 << 20)
+    with pytest.raises(CheckpointError, match=r"no space left on device \(3.0 MiB free"):
+        run_training(load_config(overrides=tiny_overrides(run, corpus, **{"train.max_steps": 1})))
+
+
+def test_a_corpus_smaller_than_a_batch_is_announced(tmp_path, capsys):
+    d = tmp_path / "small"
+    d.mkdir()
+    (d / "a.txt").write_text("tiny corpus " * 30)
+    over = tiny_overrides(tmp_path / "r", d, **{"train.max_steps": 1, "data.batch_size": 16})
+    run_training(load_config(overrides=over))
+    assert "fewer than one step's global batch of 16: every step repeats samples" in capsys.readouterr().out
