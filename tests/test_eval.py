@@ -271,17 +271,35 @@ def test_single_store_uses_its_val_part_and_needs_held_out_data(tmp_path):
     assert at_start is not None
 
 
+def _hand_documents(model: nn.Module, store: TokenStore, windows) -> tuple[float, int]:
+    """Like _hand with varlen, but every document piece of a window runs through the model alone:
+    equal to the packed eval only if attention stays inside documents."""
+    total, count = 0.0, 0
+    for i in windows:
+        x = torch.from_numpy(_window(store, int(i)))
+        starts = (store.doc_starts(int(i) * L + 1, (int(i) + 1) * L) - int(i) * L).tolist()
+        for a, b in zip([0, *starts], [*starts, L]):
+            if b - a < 2:
+                continue
+            with torch.no_grad():
+                logits = model(input_ids=x[None, a:b]).logits[0].double()
+            total += float(F.cross_entropy(logits[:-1], x[a + 1 : b], reduction="sum"))
+            count += b - a - 1
+    return total, count
+
+
 def test_varlen_respects_document_boundaries(tmp_path):
     docs = [LOREM[: 5 + 7 * i] for i in range(12)]  # documents shorter and longer than a window
     held = _make_store(tmp_path / "held", docs)
-    model = _bigram(LOREM * 4)
-    ev, _ = _evaluator(tmp_path, **{"eval.store": str(held), "eval.batches": 0, "data.varlen": True})
+    ev, tok = _evaluator(tmp_path, **{"eval.store": str(held), "eval.batches": 0, "data.varlen": True})
+    model = _llama(tok.vocab_size)  # attends to its context: a leak across documents shows
     rec = ev.run(model, forward_params(model), None)[0]
     store = TokenStore(held)
     n = store.num_tokens // L
-    total, count = _hand(model, store, range(n), varlen=True)
+    total, count = _hand_documents(model, store, range(n))
     assert count < n * (L - 1)
     _check_record(rec, total, count)
+    assert (total, count) != pytest.approx(_hand(model, store, range(n), varlen=True))  # the leak differs
 
 
 CASES = [  # each ends in a pass where a rank holds filler rows only

@@ -126,3 +126,95 @@ def test_a_corpus_smaller_than_a_batch_is_announced(tmp_path, capsys):
     over = tiny_overrides(tmp_path / "r", d, **{"train.max_steps": 1, "data.batch_size": 16})
     run_training(load_config(overrides=over))
     assert "fewer than one step's global batch of 16: every step repeats samples" in capsys.readouterr().out
+
+
+class _Payload:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_checkpoint_state_is_json_and_a_crafted_pickle_runs_nothing(tmp_path, corpus, monkeypatch):
+    import torch
+
+    from flame.checkpoint import read_trainer_state
+
+    run = tmp_path / "r"
+    run_training(load_config(overrides=tiny_overrides(run, corpus, **{"train.max_steps": 2})))
+    ckpt = list_checkpoints(run / "checkpoints")[-1]
+    assert (ckpt / "trainer.json").is_file() and not (ckpt / "trainer.pt").exists()
+    assert read_trainer_state(ckpt)["step"] == 2
+    torch.load(ckpt / "rng-0.pt", weights_only=True)  # plain tensors and values only
+
+    crafted = tmp_path / "crafted"
+    crafted.mkdir()
+    torch.save({"step": 1, "x": _Payload()}, crafted / "trainer.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="unreadable"):
+        read_trainer_state(crafted)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _hashes(root):
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_export_never_overwrites_its_inputs_or_foreign_directories(tmp_path, corpus, capsys):
+    run = tmp_path / "r"
+    run_training(load_config(overrides=tiny_overrides(run, corpus, **{"train.max_steps": 2})))
+    ckpt = list_checkpoints(run / "checkpoints")[-1]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    before, before_foreign = _hashes(run), _hashes(foreign)
+    for out in (run, run / "exports" / "x", ckpt, tmp_path):
+        capsys.readouterr()
+        assert main(["export", str(run), "--out", str(out), "--force"]) == 1
+        err = capsys.readouterr().err
+        assert "would overwrite" in err and "Traceback" not in err, err
+    assert main(["export", str(run), "--out", str(foreign), "--force"]) == 1
+    assert "not an earlier flame export" in capsys.readouterr().err
+    assert _hashes(run) == before and _hashes(foreign) == before_foreign
+    out = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert main(["export", str(run), "--out", str(out), "--force"]) == 0  # replaces its own export
+    assert (out / "config.json").is_file()
+
+
+def test_metrics_rewrite_on_resume_survives_odd_lines_and_a_full_disk(tmp_path, monkeypatch):
+    from flame.logging import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "train", "step": 1}, {"kind": "train", "step": "abc"}, {"kind": "train", "step": 3}]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert truncate_jsonl(path, 2) == 3
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1]
+
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    before = path.read_bytes()
+    import flame.logging as lg
+
+    real = lg.os.replace
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lg.os, "replace", full)
+    with pytest.raises(FlameError, match="cannot rewrite .*No space left on device"):
+        truncate_jsonl(path, 2)
+    monkeypatch.setattr(lg.os, "replace", real)
+    assert path.read_bytes() == before and not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--temperature", "nan"), ("--top-p", "inf"), ("--seed", "-1")])
+def test_generate_refuses_non_finite_sampling_knobs(tmp_path, capsys, flag, value):
+    assert main(["generate", str(tmp_path), flag, value]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and flag in err

@@ -147,11 +147,16 @@ def test_logged_loss_is_the_token_mean_of_documents_run_alone(tmp_path, uneven_c
     assert abs(rec["loss"] - total / count) < 1e-5
 
 
-def _dist_grads(rank, out_dir, run_dir, corpus, strategy):
+def _dist_grads(rank, out_dir, run_dir, corpus, strategy, accum=1):
     t = _trainer(
         run_dir,
         corpus,
-        **{"data.batch_size": 2, "train.grad_accum": 1, "parallel.strategy": strategy, "log.console": "off"},
+        **{
+            "data.batch_size": 2 // accum,  # 2 ranks x accum micro-batches x this = 4 windows
+            "train.grad_accum": accum,
+            "parallel.strategy": strategy,
+            "log.console": "off",
+        },
     )
     grads, loss_sum, targets = _one_step_grads(t)
     if strategy == "fsdp":
@@ -161,14 +166,16 @@ def _dist_grads(rank, out_dir, run_dir, corpus, strategy):
     t.close()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ranks_equal_one_rank_with_varlen(tmp_path, uneven_corpus, strategy):
+@pytest.mark.parametrize("strategy,accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2)])
+def test_two_ranks_equal_one_rank_with_varlen(tmp_path, uneven_corpus, strategy, accum):
+    """2 ranks x micro-batch 2 (or 2 ranks x 2 micro-batches of 1, through DDP's no_sync) give
+    the gradient of one rank with the global batch of 4 windows."""
     one = _trainer(tmp_path / "one", uneven_corpus, **{"data.batch_size": 4, "train.grad_accum": 1})
     try:
         g_one, _, n_one = _one_step_grads(one)
     finally:
         one.close()
-    run_distributed(_dist_grads, 2, str(tmp_path), str(tmp_path / "two"), str(uneven_corpus), strategy)
+    run_distributed(_dist_grads, 2, str(tmp_path), str(tmp_path / "two"), str(uneven_corpus), strategy, accum)
     got = torch.load(tmp_path / "grads.pt", weights_only=False)
     assert got["targets"] == n_one
     _assert_grads_equal(g_one, got["grads"])
@@ -303,3 +310,104 @@ def test_streaming_varlen_counts_its_targets(tmp_path, uneven_corpus):
             assert len(b["cu_seqlens"]) > 2  # the count covers real boundaries
     finally:
         t.close()
+
+
+def test_cross_entropy_reads_the_logits_in_place(monkeypatch):
+    """No copy of the logits: every chunk the loss reads is a view of the model's own tensor."""
+    seen = []
+    real = loss_mod._ce_rows
+
+    def spy(x, y):
+        seen.append(x.untyped_storage().data_ptr())
+        return real(x, y)
+
+    monkeypatch.setattr(loss_mod, "_ce_rows", spy)
+    monkeypatch.setattr(loss_mod, "_CHUNK_ELEMS", 40 * 5)
+    logits = torch.randn(4, 9, 40, requires_grad=True)
+    ce = per_token_ce(logits, torch.randint(0, 40, (4, 9)))
+    ce.sum().backward()
+    assert ce.shape == (4, 8)
+    assert seen and set(seen) == {logits.untyped_storage().data_ptr()}
+
+
+def test_router_loss_of_a_mixture_of_experts_joins_the_objective(tmp_path, corpus):
+    """With output_router_logits, flame's gradient equals the one of the model's own loss
+    (mean cross-entropy + router_aux_loss_coef x load-balancing loss) on one micro-batch."""
+    from zoo import write_config as zoo_config
+
+    over = tiny_overrides(
+        tmp_path / "r", corpus, **{"model.name": zoo_config(tmp_path, "qwen3_moe", output_router_logits=True)}
+    )
+    over.pop("model.overrides")
+    t = Trainer(load_config(overrides=over))
+    t.setup()
+    try:
+        assert t.aux_coef > 0
+        model = unwrap(t.model)
+        batch = next(iter(t.loader))
+        t.train_step([batch])
+        ours = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        t.optimizer.zero_grad(set_to_none=True)
+        x = batch["input_ids"]
+        model(input_ids=x, labels=x).loss.backward()
+        theirs = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        _assert_grads_equal(ours, theirs)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.aux_coef = 0.0  # without the router loss the router's gradient is another one
+        t.train_step([batch])
+        router = [n for n in ours if "gate" in n and "proj" not in n]
+        assert router and any(
+            (dict(model.named_parameters())[n].grad - ours[n]).abs().max() > 1e-6 for n in router
+        )
+    finally:
+        t.close()
+
+
+def test_bad_step_streak_survives_a_restart(tmp_path, corpus):
+    """NaN at steps 4, 5, 6 with max_bad_steps 3: an uninterrupted run stops at step 6, and so does
+    one stopped at step 5 (inside the streak) and resumed."""
+    over = {
+        "model.name": "models_for_tests:bigram",
+        "model.overrides": {"bad_calls": [4, 5, 6]},
+        "train.max_bad_steps": 3,
+        "train.max_steps": 9,
+    }
+    full = run_training(load_config(overrides=tiny_overrides(tmp_path / "full", corpus, **over)))
+    assert (full["stopped"], full["step"]) == ("diverged", 6)
+    cfg = load_config(overrides=tiny_overrides(tmp_path / "part", corpus, **over))
+    assert run_training(cfg, callbacks=[_stop_at(5)])["step"] == 5
+    again = run_training(cfg)
+    assert (again["stopped"], again["step"]) == ("diverged", 6)
+
+
+def test_end_of_run_sample_stays_inside_positions_and_vocabulary(tmp_path, corpus):
+    """A padded vocabulary never samples the unused rows (the byte tokenizer cannot decode them),
+    and learned positions as long as the context are never exceeded."""
+    padded = tiny_overrides(
+        tmp_path / "p",
+        corpus,
+        **{"train.max_steps": 2, "train.sample_tokens": 60, "model.pad_vocab_multiple": 64},
+    )
+    assert run_training(load_config(overrides=padded))["stopped"] == "done"
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(
+        json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64})
+    )
+    short = tiny_overrides(tmp_path / "g", corpus, **{"model.name": str(gpt2), "train.max_steps": 2})
+    short.pop("model.overrides")
+    short["train.sample_tokens"] = 120
+    assert run_training(load_config(overrides=short))["stopped"] == "done"
+
+
+def test_sampling_never_produces_padded_rows():
+    from flame.generate import sample_ids
+
+    class Loud(torch.nn.Module):  # puts all its mass on a padded row
+        def forward(self, input_ids):
+            logits = torch.zeros(*input_ids.shape, 320)
+            logits[..., 300] = 50.0
+            return logits
+
+    out = sample_ids(Loud(), [1, 2], 20, 32, temperature=1.0, vocab=257, seed=3)
+    assert len(out) == 20 and max(out) < 257
+    assert sample_ids(Loud(), [1, 2], 5, 32, temperature=0.0, vocab=None) == [300] * 5

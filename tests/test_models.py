@@ -113,6 +113,17 @@ def test_family_builds_with_tokenizer_vocab_and_trains_a_step(tmp_path, tok300, 
     assert torch.isfinite(loss).item()
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
     assert emb.weight.grad is not None and emb.weight.grad.abs().sum().item() > 0
+    # no row is frozen as padding (a config's pad id belongs to another tokenizer's vocabulary)
+    assert getattr(emb, "padding_idx", None) is None
+    assert emb.weight.abs().sum(1).min().item() > 0
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "llama"])
+def test_a_config_pad_id_freezes_no_row(tmp_path, tok300, family):
+    model, _ = _build(write_config(tmp_path, family, pad_token_id=0), tok300.vocab_size)
+    emb = model.get_input_embeddings()
+    assert emb.padding_idx is None and model.config.pad_token_id is None
+    assert emb.weight[0].abs().sum().item() > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "mamba", "custom"])

@@ -36,8 +36,45 @@ from flame.errors import CheckpointError
 # DCP works without a process group; its note saying so is noise for single-process runs.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-FORMAT_VERSION = 1
+# 2: the run state is JSON (trainer.json) and RNG files load with weights_only=True: reading a
+# checkpoint runs no pickle of flame's own (DCP's .metadata is still a pickle: see the README)
+FORMAT_VERSION = 2
 MARKER = "COMPLETE"
+STATE_FILE = "trainer.json"
+TRUST_NOTE = (
+    "A checkpoint directory is code: torch.distributed.checkpoint reads its .metadata with pickle, "
+    "so load only checkpoints you or someone you trust wrote."
+)
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """The run state saved with a checkpoint: trainer.json, or a format-1 trainer.pt read with
+    weights_only=True (plain Python values only: a crafted file cannot run code)."""
+    ckpt = Path(ckpt)
+    try:
+        if (ckpt / STATE_FILE).is_file():
+            state = json.loads((ckpt / STATE_FILE).read_text())
+        elif (ckpt / "trainer.pt").is_file():
+            state = torch.load(ckpt / "trainer.pt", weights_only=True, map_location="cpu")
+        else:
+            raise CheckpointError(f"checkpoint {ckpt} has no {STATE_FILE}", hint="is it a flame checkpoint?")
+    except CheckpointError:
+        raise
+    except Exception as e:  # malformed JSON, a pickle with objects weights_only refuses, unreadable
+        raise CheckpointError(f"checkpoint {ckpt}: its run state is unreadable: {_last_line(e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {ckpt}: its run state is not a JSON object")
+    if int(state.get("format", 1)) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {ckpt} has format {state.get('format')}; this flame reads up to {FORMAT_VERSION}",
+            hint="resume it with the newer flame that wrote it",
+        )
+    return state
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    path = Path(path)
+    return (path / MARKER).is_file() and ((path / STATE_FILE).is_file() or (path / "trainer.pt").is_file())
 
 
 def _sha256(path: Path) -> str:
@@ -105,9 +142,12 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def _rng_state() -> dict:
+    """RNG states as tensors and plain values only, so they load with weights_only=True."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(words), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -116,8 +156,11 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -178,9 +221,8 @@ class Checkpointer:
             model_sd, optim_sd = get_state_dict(model, optimizer)
             torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
             if rank == 0:
-                torch.save(
-                    {**trainer_state, "format": FORMAT_VERSION, "world_size": world}, tmp / "trainer.pt"
-                )
+                blob = json.dumps({**trainer_state, "format": FORMAT_VERSION, "world_size": world})
+                (tmp / STATE_FILE).write_text(blob)
             state = {"model": model_sd, "optim": optim_sd}
             if background and self.async_save:
                 future = dcp.async_save(
@@ -373,10 +415,7 @@ class Checkpointer:
         problem = _broadcast(problem)
         if problem:
             raise CheckpointError(f"checkpoint {path} cannot be used: {problem}")
-        try:
-            return torch.load(path / "trainer.pt", weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"checkpoint {path}: trainer.pt is unreadable: {e}") from None
+        return read_trainer_state(path)
 
     def load(self, path: Path, model, optimizer, trainer_state: dict | None = None) -> dict:
         """Restore model, optimizer and RNG in place; returns the trainer state (verified and read
@@ -395,7 +434,12 @@ class Checkpointer:
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
         rng = path / f"rng-{rank}.pt"
         if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
+            try:
+                _set_rng_state(torch.load(rng, weights_only=True))
+            except Exception as e:
+                raise CheckpointError(
+                    f"checkpoint {path}: {rng.name} is unreadable: {_last_line(e)}"
+                ) from None
         return trainer_state
 
 

@@ -20,7 +20,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flame.checkpoint import MARKER, list_checkpoints, load_model_weights, step_dir, verify
+from flame.checkpoint import (
+    TRUST_NOTE,
+    is_checkpoint_dir,
+    list_checkpoints,
+    load_model_weights,
+    read_trainer_state,
+    step_dir,
+    verify,
+)
 from flame.config import Config, config_from_dict
 from flame.errors import CheckpointError, FlameError
 
@@ -32,7 +40,7 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"no such run directory '{run_dir}'")
-    if (run_dir / MARKER).is_file() and (run_dir / "trainer.pt").is_file():  # a checkpoint directory
+    if is_checkpoint_dir(run_dir):  # a checkpoint directory
         if step is not None:
             raise CheckpointError(f"{run_dir} is a checkpoint directory; --step applies to a run directory")
         return run_dir
@@ -54,10 +62,7 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
 
 
 def _saved_config(ckpt: Path) -> tuple[Config, dict]:
-    try:
-        state = torch.load(ckpt / "trainer.pt", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {ckpt}: trainer.pt is unreadable: {e}") from None
+    state = read_trainer_state(ckpt)
     return config_from_dict(state.get("config", {})), state
 
 
@@ -103,9 +108,8 @@ def export(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FlameError(f"--out {out} is a file, not a directory", hint="choose another --out")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FlameError(f"--out {out} exists and is not empty", hint="choose another --out, or pass --force")
     ckpt = find_checkpoint(run_dir, step)
+    _check_out(out, [Path(run_dir), ckpt, ckpt.parent.parent], force)
     problem = verify(ckpt)
     if problem:
         raise CheckpointError(f"checkpoint {ckpt} cannot be exported: {problem}")
@@ -173,7 +177,34 @@ def _check_tokenizer(tok, tmp: Path, out: Path) -> None:
     )
 
 
+EXPORT_MARKER = ".flame-export"  # written into every export: what --force may replace
+
+
+def _check_out(out: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse an --out that is, holds or lies inside an input (the run, its checkpoint); --force
+    replaces only a previous export, never a directory flame did not write."""
+    o = out.resolve()
+    for src in inputs:
+        r = src.resolve()
+        if o == r or r.is_relative_to(o) or o.is_relative_to(r):
+            raise FlameError(
+                f"--out {out} would overwrite {src}, which this export reads (it is, holds or lies inside it)",
+                hint="choose an --out outside the run directory, e.g. exports/<name>",
+            )
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise FlameError(
+                f"--out {out} exists and is not empty", hint="choose another --out, or pass --force"
+            )
+        if not (out / EXPORT_MARKER).is_file():
+            raise FlameError(
+                f"--out {out} is not an earlier flame export (no {EXPORT_MARKER} file): --force replaces only those",
+                hint="choose another --out, or remove that directory yourself",
+            )
+
+
 def _replace(tmp: Path, out: Path) -> None:
+    (tmp / EXPORT_MARKER).write_text("written by flame export; --force may replace this directory\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -184,6 +215,7 @@ def cli(argv: list[str]) -> int:
         prog="flame export",
         description="Write a checkpoint of a run as a Hugging Face model directory "
         "(config.json, model.safetensors, generation_config.json, tokenizer).",
+        epilog=TRUST_NOTE,
     )
     p.add_argument("run_dir", help="a run directory (its newest checkpoint) or a checkpoint directory")
     p.add_argument("--out", required=True, help="the directory to write")

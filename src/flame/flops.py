@@ -73,11 +73,56 @@ def matmul_weights(model: nn.Module) -> int:
 
 
 def formula_flops_per_token(model: nn.Module, context_len: int) -> float:
-    """6 x matmul weights + 12 x layers x hidden x context (layers and hidden from `model.config`)."""
+    """6 x matmul weights used per token + 12 x layers x hidden x context for softmax attention.
+
+    A mixture of experts counts its expert weights x (experts per token / experts): the active
+    ones. Models without softmax attention (state-space models, and custom-kernel layers such
+    as fla's linear attention, whose cost grows linearly with the context) get no attention term.
+    """
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     hidden = getattr(cfg, "hidden_size", 0) or 0
-    return 6.0 * matmul_weights(model) + 12.0 * layers * hidden * context_len
+    attention = 12.0 * layers * hidden * context_len if _has_softmax_attention(model) else 0.0
+    return 6.0 * active_matmul_weights(model) + attention
+
+
+def _has_softmax_attention(model: nn.Module) -> bool:
+    from flame.model import attention_of
+
+    return attention_of(model) != "native" and hidden_kernels(model) is None
+
+
+def _experts(model: nn.Module) -> tuple[int, int] | None:
+    """(experts per token, experts) of a mixture of experts, from its config."""
+    cfg = getattr(model, "config", None)
+    total = next(
+        (
+            n
+            for k in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+            if isinstance(n := getattr(cfg, k, None), int) and n > 1
+        ),
+        None,
+    )
+    top = next(
+        (
+            n
+            for k in ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k")
+            if isinstance(n := getattr(cfg, k, None), int) and n > 0
+        ),
+        None,
+    )
+    return (top, total) if total and top else None
+
+
+def active_matmul_weights(model: nn.Module) -> float:
+    """matmul_weights, with a mixture of experts' expert weights scaled to the share a token uses."""
+    n = matmul_weights(model)
+    moe = _experts(model)
+    if moe is None:
+        return float(n)
+    top, total = moe
+    expert = sum(p.numel() for name, p in model.named_parameters() if ".experts." in f".{name}.")
+    return n - expert * (1.0 - top / total)
 
 
 def declared_flops_per_token(model: nn.Module, context_len: int) -> float | None:
@@ -363,7 +408,7 @@ def resolve_flops_per_token(
     fix = "; set model.flops_per_token for an exact figure"
     why = hidden_kernels(model)
     if why is None and _is_mixture_of_experts(model):
-        why = "a mixture of experts: the formula counts every expert's weights, not the active ones"
+        why = "a mixture of experts: the formula counts the active experts' weights (experts per token / experts)"
     if why is not None:
         log(f"FLOPs per token: {formula:.4g} by the formula ({why}{fix})")
         return formula, "formula"

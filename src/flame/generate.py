@@ -48,24 +48,31 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
 
 
-def _loop(model, ids, max_new, context_len, temperature, top_k, top_p, eos_id, gen, device) -> bool:
+def _loop(
+    model, ids, max_new, context_len, temperature, top_k, top_p, eos_id, gen, device, vocab=None
+) -> bool:
     """Append up to `max_new` tokens to `ids`, one full forward each; True when EOS ended it."""
     for _ in range(max_new):
         ctx = torch.tensor([ids[-context_len:]], device=device)
-        nxt = _next_token(_logits(model, ctx).cpu(), temperature, top_k, top_p, gen)
+        logits = _logits(model, ctx).cpu()
+        if vocab is not None:  # rows past the tokenizer's vocabulary (padding) are never sampled
+            logits[..., vocab:] = float("-inf")
+        nxt = _next_token(logits, temperature, top_k, top_p, gen)
         if eos_id is not None and nxt == eos_id:
             return True
         ids.append(nxt)
     return False
 
 
-def _with_cache(model, ids, max_new, temperature, top_k, top_p, eos_id, seed, device) -> bool:
+def _with_cache(model, ids, max_new, temperature, top_k, top_p, eos_id, seed, device, vocab=None) -> bool:
     """Append up to `max_new` tokens to `ids` with `model.generate()`; True when EOS ended it."""
     from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
     sample = temperature > 0
     x = torch.tensor([ids], device=device)
+    rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
+    unused = list(range(vocab, rows)) if vocab is not None and rows > vocab else None
     devices = [device] if torch.device(device).type == "cuda" else []
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # no notes about the settings given on purpose
@@ -82,6 +89,7 @@ def _with_cache(model, ids, max_new, temperature, top_k, top_p, eos_id, seed, de
             repetition_penalty=1.0,
             eos_token_id=eos_id,
             pad_token_id=eos_id if eos_id is not None else 0,
+            suppress_tokens=unused,  # padded rows the tokenizer cannot decode
             use_cache=True,
         )
         with torch.random.fork_rng(devices=devices):
@@ -110,10 +118,12 @@ def sample_ids(
     seed: int = 0,
     device: torch.device | str = "cpu",
     use_cache: bool = True,
+    vocab: int | None = None,
 ) -> list[int]:
     """Up to `max_new` token ids continuing `prompt` (the last `context_len` of it are seen).
 
     `use_cache=False` takes the no-cache path for every model (the reference for greedy output).
+    `vocab`: ids from it on (embedding rows the tokenizer does not use) are never produced.
     """
     was_training = model.training
     model.eval()
@@ -124,10 +134,10 @@ def sample_ids(
         stopped = False
         fits = max(0, min(max_new, context_len - len(ids)))  # tokens before the window must slide
         if use_cache and has_generate(model) and fits > 0 and ids:
-            stopped = _with_cache(model, ids, fits, temperature, top_k, top_p, eos_id, seed, device)
+            stopped = _with_cache(model, ids, fits, temperature, top_k, top_p, eos_id, seed, device, vocab)
         left = max_new - (len(ids) - start)
         if not stopped and left > 0:
-            _loop(model, ids, left, context_len, temperature, top_k, top_p, eos_id, gen, device)
+            _loop(model, ids, left, context_len, temperature, top_k, top_p, eos_id, gen, device, vocab)
     finally:
         model.train(was_training)
     return ids[start:]
@@ -137,5 +147,6 @@ def sample_text(
     model: nn.Module, tok: Tokenizer, prompt: str, max_new: int, device, context_len: int = 256, **kw
 ) -> str:
     start = [int(x) for x in tok.encode_batch([prompt])[0]] if prompt else [tok.eos_id]
+    kw.setdefault("vocab", tok.vocab_size)
     out = sample_ids(model, start, max_new, context_len, eos_id=tok.eos_id, device=device, **kw)
     return prompt + tok.decode(out)

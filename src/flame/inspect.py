@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tomllib
 from pathlib import Path
 
 import torch
 
+from flame.checkpoint import TRUST_NOTE, read_trainer_state
 from flame.config import Config, config_from_dict
 from flame.errors import CheckpointError, DataError, FlameError
 from flame.records import read_records
@@ -70,10 +72,7 @@ class RunSettings:
         self.data_state: dict = {}
         self.world_size, self.world_from = 0, ""
         if self.checkpoint is not None:
-            try:
-                saved = torch.load(self.checkpoint / "trainer.pt", weights_only=False, map_location="cpu")
-            except Exception as e:
-                raise CheckpointError(f"{self.checkpoint}/trainer.pt is unreadable: {e}") from None
+            saved = read_trainer_state(self.checkpoint)
             if saved.get("config"):  # the settings of the process that saved it
                 self.cfg = config_from_dict(saved["config"])
             self.data_state = saved.get("data", {}) or {}
@@ -364,6 +363,7 @@ def _inspect_parser() -> argparse.ArgumentParser:
         prog="flame inspect",
         description="Show the exact micro-batches a run trained on at a step, their text and sources "
         "(prepared data; computed from the config, no training).",
+        epilog=TRUST_NOTE,
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--step", type=int, required=True, help="the step, counted from 1 as in metrics.jsonl")
@@ -454,7 +454,9 @@ def load_for_generation(path: str | Path, step: int | None, device: torch.device
 
 def _generate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="flame generate", description="Sample text from a run's checkpoint or an exported model."
+        prog="flame generate",
+        description="Sample text from a run's checkpoint or an exported model.",
+        epilog=TRUST_NOTE,
     )
     p.add_argument("path", metavar="RUN_DIR_OR_MODEL_DIR")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
@@ -478,8 +480,12 @@ def generate_cli(argv: list[str]) -> int:
     from flame.generate import sample_text
 
     args = _generate_parser().parse_args(argv)
+    if not (math.isfinite(args.temperature) and math.isfinite(args.top_p)):
+        raise FlameError("--temperature and --top-p must be finite numbers")
     if args.max_tokens < 0 or args.top_k < 0 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise FlameError("--max-tokens, --top-k and --temperature must be >= 0 and --top-p in (0, 1]")
+    if not 0 <= args.seed < 2**63:
+        raise FlameError(f"--seed {args.seed} must be in [0, 2^63)")
     if args.device not in ("auto", "cpu", "cuda"):
         raise FlameError(f"--device {args.device!r}: choose auto, cpu or cuda")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -65,13 +65,27 @@ def truncate_jsonl(path: Path, last_step: int) -> int:
         return 0
     keep, seen = [], 0
     for rec in read_records(path):
-        seen = max(seen, int(rec.get("step", 0)))
-        if rec.get("step", 0) <= last_step:
+        step = rec.get("step", 0)
+        if not isinstance(step, int) or isinstance(step, bool):
+            continue  # a line flame did not write (hand-edited, another tool): not a step of this run
+        seen = max(seen, step)
+        if step <= last_step:
             keep.append(json.dumps(rec) + "\n")
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # the original stays as it was
+        tmp.unlink(missing_ok=True)
+        from flame.errors import FlameError
+
+        raise FlameError(
+            f"cannot rewrite {path} for the resume: {e.strerror or e}",
+            hint="free disk space (it needs about the file's size again) or fix the run directory's permissions",
+        ) from None
     return seen
 
 

@@ -45,6 +45,15 @@ def host_targets(batch: dict) -> int:
 
 def model_logits(model: nn.Module, batch: dict, accepts: set[str]) -> torch.Tensor:
     """Logits [B, T, V] of a batch; passes only the keys the model's forward accepts, no labels."""
+    return model_outputs(model, batch, accepts)[0]
+
+
+def model_outputs(
+    model: nn.Module, batch: dict, accepts: set[str]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits [B, T, V], the model's auxiliary loss or None): a mixture of experts with
+    `output_router_logits` returns its load-balancing loss as `.aux_loss` (it adds it to its own
+    loss only when given labels, which flame does not pass)."""
     kw = {"input_ids": batch["input_ids"]}
     for k in ("position_ids", "cu_seqlens", "max_seqlen"):
         if k in batch and k in accepts:
@@ -61,7 +70,8 @@ def model_logits(model: nn.Module, batch: dict, accepts: set[str]) -> torch.Tens
             hint="a custom model's forward(input_ids, ...) called without labels must return the logits "
             "(a tensor or an object with .logits); flame computes the loss",
         )
-    return logits
+    aux = getattr(out, "aux_loss", None)
+    return logits, aux if isinstance(aux, torch.Tensor) else None
 
 
 def _ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -71,18 +81,22 @@ def _ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def per_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """fp32 cross-entropy [B, T-1] of logits[:, :-1] against labels[:, 1:]; 0 where the label is -100."""
     b, t, v = logits.shape
-    flat = logits[:, :-1].reshape(-1, v)
-    targets = labels[:, 1:].reshape(-1).to(flat.device)
+    # every position against the next label, the last one against nothing (-100): a view of the
+    # logits, where slicing off the last position would copy them whenever b > 1
+    flat = logits.reshape(-1, v)
+    shifted = torch.full((b, t), IGNORE, dtype=labels.dtype, device=labels.device)
+    shifted[:, :-1] = labels[:, 1:]
+    targets = shifted.view(-1).to(flat.device)
     n = flat.shape[0]
     rows = max(1, _CHUNK_ELEMS // max(1, v))
     if n <= rows:
-        return _ce_rows(flat, targets).view(b, t - 1)
+        return _ce_rows(flat, targets).view(b, t)[:, :-1]
     spans = [(flat[i : i + rows], targets[i : i + rows]) for i in range(0, n, rows)]
     if torch.is_grad_enabled() and flat.requires_grad:  # keep the chunk's input, not its fp32 copy
         parts = [checkpoint(_ce_rows, x, y, use_reentrant=False) for x, y in spans]
     else:
         parts = [_ce_rows(x, y) for x, y in spans]
-    return torch.cat(parts).view(b, t - 1)
+    return torch.cat(parts).view(b, t)[:, :-1]
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

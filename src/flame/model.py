@@ -127,10 +127,14 @@ def _hf_config(cfg: ModelConfig, rows: int, context_len: int, log: Log):
     said = raw.get("vocab_size")
     if isinstance(said, int) and said != rows:
         log(f"model: vocab_size {said:,} in {path} replaced by {rows:,} (model.vocab_size {cfg.vocab_size})")
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # ids of a vocabulary no longer there
+    for key in ("bos_token_id", "eos_token_id"):  # ids of a vocabulary no longer there
         v = getattr(hf, key, None)
         if isinstance(v, int) and v >= rows:
             setattr(hf, key, None)
+    if "pad_token_id" not in cfg.overrides:
+        # flame never pads; a pad id from another tokenizer would make nn.Embedding(padding_idx=...)
+        # zero that row of this tokenizer's vocabulary and never train it (Gemma's default is 0)
+        hf.pad_token_id = None
     return hf
 
 

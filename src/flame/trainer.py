@@ -21,7 +21,7 @@ from flame.errors import CheckpointError, ConfigError, FlameError
 from flame.evaluate import build_evaluator
 from flame.flops import resolve_flops_per_token
 from flame.logging import BatchLog, MetricsLogger, device_peak_flops
-from flame.loss import host_targets, labels_of, model_logits, per_token_ce, sample_sums
+from flame.loss import host_targets, labels_of, model_outputs, per_token_ce, sample_sums
 from flame.model import attention_of, build_model, count_params, forward_params, model_label
 from flame.optim import build_optimizer, build_scheduler, lr_factor
 from flame.parallel import (
@@ -163,6 +163,8 @@ class LogWindow:
         self.targets, self.steps = int(state["targets"]), int(state["steps"])
         for key in ("src_loss", "src_targets"):
             v = state.get(key)
+            if v is not None and len(v) != self.num_sources:  # a mixture changed (allow_config_change)
+                v = None
             if v is not None:
                 t = torch.tensor(v, dtype=torch.float64, device=dev)
                 setattr(self, key, t if keep else torch.zeros_like(t))
@@ -213,6 +215,13 @@ class Trainer:
                 cfg.model, self.tok.vocab_size, cfg.data.context_len, varlen=cfg.data.varlen, log=self._say
             )
         self.attention = attention_of(model)
+        hf = getattr(model, "config", None)
+        # a mixture of experts' load-balancing loss joins the objective as in the model's own loss
+        self.aux_coef = (
+            float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0)
+            if getattr(hf, "output_router_logits", False)
+            else 0.0
+        )
         self.loader = build_loader(cfg, world, self.run_dir, self.tok, log=self._say)
         self.evaluator = build_evaluator(cfg, world, self.run_dir, self.tok, log=self._say)
         self.n_params = count_params(model)
@@ -310,8 +319,9 @@ class Trainer:
         o, total = self.cfg.optim, self.total_steps
         if o.warmup_steps >= total:
             self._say(
-                f"warning: optim.warmup_steps {o.warmup_steps} >= the run's {total} steps: the learning rate "
-                f"never reaches its peak (it is {total / (o.warmup_steps + 1):.2g} x optim.lr at the last step)"
+                f"warning: optim.warmup_steps {o.warmup_steps} >= the run's {total} steps: the warmup is "
+                f"squeezed into {max(total - 1, 0)} step(s) and the run reaches optim.lr only at its last "
+                "step, with no decay (lower optim.warmup_steps, or train longer)"
             )
 
     def _load(self, path: Path, saved: dict) -> None:
@@ -496,11 +506,14 @@ class Trainer:
             }
             sync = a == last or self.strategy != "ddp"
             with nullcontext() if sync else self.model.no_sync(), self.autocast():
-                logits = model_logits(self.model, batch, self.accepts)
+                logits, aux = model_outputs(self.model, batch, self.accepts)
             labels = labels_of(batch)
             ce = per_token_ce(logits, labels)
             s = ce.sum()
-            (s * scale).backward()
+            objective = s
+            if aux is not None and self.aux_coef:  # a micro-batch's router loss, weighted by its tokens
+                objective = s + self.aux_coef * local[a] * aux.float()
+            (objective * scale).backward()
             loss_sum += s.detach()
             if self.sources and "source" in batch:
                 sums, counts = sample_sums(ce.detach(), labels, batch["source"].numel())
@@ -663,7 +676,14 @@ def run_training(cfg: Config, callbacks: list | None = None) -> dict:
                 lambda: build_model(cfg.model, trainer.tok.vocab_size, cfg.data.context_len),
             )
             if model is not None:
-                text = sample_text(model, trainer.tok, "", cfg.train.sample_tokens, trainer.world.device)
+                text = sample_text(
+                    model,
+                    trainer.tok,
+                    "",
+                    cfg.train.sample_tokens,
+                    trainer.world.device,
+                    context_len=cfg.data.context_len,
+                )
                 print("sample:\n" + text)
     finally:
         trainer.close()

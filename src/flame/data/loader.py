@@ -133,6 +133,8 @@ class PreparedLoader:
             persistent_workers=False,
         )
         for b in dl:
+            for s in self.stores:  # the background checksum runs here, not in the workers
+                s.raise_if_damaged()
             self.micro += 1
             yield b
 

@@ -741,7 +741,17 @@ def _finish(
         if not val["num_documents"]:
             log(f"warning: the validation split of {out} got no documents; raise --val-fraction")
         manifest = {**manifest, "val": val}
+    _forget_damage(out, log)
     return manifest
+
+
+def _forget_damage(out: Path, log) -> None:
+    """After a store was finished again, the metadata `--verify` set aside is out of date: drop it."""
+    old = [p for d in (out, out / "val") for p in (*d.glob("*.damaged"), *d.glob("*/*.damaged"))]
+    if old:
+        for p in old:
+            p.unlink(missing_ok=True)
+        log(f"{out}: the shards `flame prepare --verify` set aside are prepared again; the store is complete")
 
 
 def _check_usable(out: Path, n_parts: int, max_bad: float) -> None:
@@ -832,7 +842,7 @@ def status_text(path: str) -> tuple[str, bool]:
         if name != "store" and not sd.is_dir():
             continue
         st = store.store_status(sd)
-        if (sd / "manifest.json.damaged").is_file():
+        if (sd / "manifest.json.damaged").is_file() and not (sd / "manifest.json").is_file():
             lines.append(
                 f"{name} {sd}: damaged shards were set aside by `flame prepare --verify`; run the command "
                 "that made it again to prepare them anew"
@@ -861,7 +871,10 @@ def _set_aside(path: Path) -> bool:
 
 
 def _check_one(d: Path, dtype: np.dtype, vocab: int, n_src: int, shard: dict) -> str | None:
-    return store.check_shard(d, shard, dtype, vocab, n_src)
+    try:
+        return store.check_shard(d, shard, dtype, vocab, n_src)
+    except OSError as e:
+        return f"{shard['name']}: cannot read it: {e.strerror or e}"
 
 
 def verify_store(path: str, workers: int = 0, log=None) -> list[str]:

@@ -340,7 +340,7 @@ def finalize_store(store_dir: str | Path) -> dict:
 def check_ids(batch_ids: np.ndarray, vocab_size: int, where: str = "a batch") -> None:
     """DataError when any token id of a batch is outside [0, vocab_size) (a damaged store or a
     tokenizer that does not match the model), before an embedding lookup turns it into an index
-    error. One vectorised min/max over the batch: about 8 µs for 8 x 2,048 ids."""
+    error. One vectorised max (and min for signed ids) over the batch: about 4 µs for 8 x 2,048 ids."""
     if batch_ids.size == 0:
         return
     hi = int(batch_ids.max())
