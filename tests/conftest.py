@@ -21,6 +21,24 @@ LOREM = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _log_handlers_on_live_streams():
+    """A library logger (transformers, ...) configured during one test keeps the stream pytest
+    captured then; once that stream is closed, its next warning prints a "Logging error"
+    traceback into a later test's output. Point such handlers at the real stderr."""
+    yield
+    import logging
+    import sys
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for h in lg.handlers:
+            if type(h) is logging.StreamHandler and getattr(h.stream, "closed", False):
+                h.stream = sys.__stderr__  # setStream would flush the closed one first
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """A few small text files with distinct documents."""

@@ -218,3 +218,13 @@ def test_generate_refuses_non_finite_sampling_knobs(tmp_path, capsys, flag, valu
     assert main(["generate", str(tmp_path), flag, value]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and flag in err
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_corpus_below_one_sample_is_refused_in_both_modes(tmp_path, capsys, streaming):
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "a.txt").write_text("abc")
+    over = tiny_overrides(tmp_path / "r", d, **{"train.max_steps": 1, "data.streaming": streaming})
+    code, err = _cli(tmp_path, capsys, over)
+    assert code != 0 and ("fewer than one sample" in err or "fewer than one" in err), err

@@ -411,3 +411,40 @@ def test_sampling_never_produces_padded_rows():
     out = sample_ids(Loud(), [1, 2], 20, 32, temperature=1.0, vocab=257, seed=3)
     assert len(out) == 20 and max(out) < 257
     assert sample_ids(Loud(), [1, 2], 5, 32, temperature=0.0, vocab=None) == [300] * 5
+
+
+def test_per_source_tokens_leave_out_skipped_steps(tmp_path):
+    """With data.skip inside a log window, each source's tokens count only the trained steps:
+    equal to counting the sources of the batches of those steps."""
+    rng = random.Random(4)
+    a = _store(tmp_path, "a", "".join(rng.choice("abcdefgh ") for _ in range(20_000)))
+    b = _store(tmp_path, "b", "the dog ran. " * 2_000)
+    over = tiny_overrides(
+        tmp_path / "run",
+        tmp_path,
+        **{
+            "data.inputs": [],
+            "data.mix": f"a={a}:0.5,b={b}:0.5",
+            "data.context_len": 16,
+            "data.batch_size": 8,
+            "data.skip": "2-3,6",
+            "train.max_steps": 8,
+            "log.interval": 4,
+        },
+    )
+    run_training(load_config(overrides=over))
+    recs = [r for r in _records(tmp_path / "run") if r["kind"] == "train"]
+    assert [r["step"] for r in recs] == [4, 8] and recs[-1]["skipped_steps"] == 3
+    t = Trainer(load_config(overrides={**over, "train.run_dir": str(tmp_path / "fresh"), "data.skip": ""}))
+    t.setup()
+    try:
+        it = iter(t.loader)
+        per_step = [torch.bincount(next(it)["source"], minlength=2) for _ in range(8)]
+    finally:
+        t.close()
+    trained = [s for s in range(1, 9) if s not in (2, 3, 6)]
+    for rec, steps in ((recs[0], range(1, 5)), (recs[1], range(5, 9))):
+        want = sum(per_step[s - 1] for s in steps if s in trained)
+        assert [rec["sources"][n]["tokens"] for n in ("a", "b")] == [int(x) * 16 for x in want]
+    total = sum(per_step[s - 1] for s in trained)
+    assert [recs[-1]["sources"][n]["tokens_total"] for n in ("a", "b")] == [int(x) * 16 for x in total]

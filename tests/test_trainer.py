@@ -68,3 +68,15 @@ def test_loss_decreases_and_keep_last_k(tmp_path, corpus):
     assert steps[30] < steps[1] * 0.7
     kept = [p.name for p in list_checkpoints(tmp_path / "r" / "checkpoints")]
     assert kept == ["step-00000025", "step-00000030"]
+
+
+def test_every_start_is_recorded(tmp_path, corpus):
+    cfg = load_config(overrides=tiny_overrides(tmp_path / "r", corpus, **{"train.max_steps": 6}))
+    run_training(cfg, callbacks=[_stop_at(3)])
+    run_training(cfg)
+    starts = [json.loads(x) for x in (tmp_path / "r" / "starts.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in starts] == [0, 3]
+    assert starts[0]["resumed_from"] is None and starts[1]["resumed_from"].endswith("step-00000003")
+    assert starts[1]["tokens"] == 3 * 4 * 64 and starts[1]["world_size"] == 1
+    assert starts[1]["attention"] == "sdpa" and starts[1]["flops_source"] == "measured"
+    assert starts[0]["parameters"] > 0 and starts[0]["versions"]["torch"]

@@ -1,4 +1,4 @@
-"""`flame train | prepare | plot | export | inspect | generate` — thin wrappers over the library."""
+"""`flame train | prepare | plot | report | check | export | inspect | generate` — thin wrappers over the library."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ commands:
   train      train a model (no options: a tiny llama on the Python standard library, ~2 min on a CPU)
   prepare    tokenize a corpus once into a store that training memory-maps
   plot       plot metrics of one or more runs to a PNG
+  report     a self-contained HTML (or Markdown) report of one or more runs
+  check      prove that a setup resumes exactly: train, stop, resume, compare
   export     write a checkpoint as a Hugging Face model directory
   inspect    show the exact batch a run trained on at a step
   generate   sample text from a run or an exported model
@@ -54,6 +56,8 @@ COMMANDS = {
     "train": _train,
     "prepare": lambda a: _lazy("flame.data.prepare").cli(a),
     "plot": lambda a: _lazy("flame.plot").cli(a),
+    "report": lambda a: _lazy("flame.report").cli(a),
+    "check": lambda a: _lazy("flame.check").cli(a),
     "export": lambda a: _lazy("flame.export").cli(a),
     "inspect": lambda a: _lazy("flame.inspect").cli(a),
     "generate": lambda a: _lazy("flame.inspect").generate_cli(a),

@@ -94,6 +94,15 @@ class DataConfig:
     )
     store: str = _f("", "a tokenized store made by `flame prepare` (memory-mapped; fastest)")
     mix: str = _f("", "weighted stores, e.g. 'a_store:0.7,b_store:0.3'")
+    phases: list[dict] = _f(
+        [],
+        "mixture phases: [[data.phases]] tables of start_step (or start_tokens), mix and optional "
+        "ramp_steps; on the command line a JSON list",
+    )
+    skip: str = _f("", "steps whose data is consumed without training, e.g. '1200-1250,3000'")
+    epoch_shift: bool = _f(
+        False, "shift each store's window grid by a keyed offset every epoch after the first"
+    )
     tokenizer: str = _f("byte", "'byte' (built in) or a Hugging Face tokenizer directory or tokenizer.json")
     text_field: str = _f("text", "field holding the text in jsonl/parquet/HF records")
     context_len: int = _f(256, "tokens per training sequence")
@@ -308,6 +317,17 @@ def _convert(key: str, typ: Any, value: Any, from_cli: bool) -> Any:
         if isinstance(value, (int, float)):
             return str(value)
         raise ValueError(f"expected a string, got {value!r}")
+    if origin is list and typing.get_args(typ) and typing.get_args(typ)[0] is dict:
+        if from_cli and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    f'expected a JSON list of tables like \'[{{"start_step": 0, "mix": "a:1"}}]\', got {value!r}'
+                ) from None
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ValueError(f"expected a list of tables, got {value!r}")
+        return [dict(v) for v in value]
     if origin is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v] if from_cli else [value]
@@ -543,11 +563,21 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"train.preempt_signals: {name} cannot be caught; use e.g. SIGTERM or SIGUSR1")
     if t.spike_factor and t.spike_factor <= 1:
         p.append(f"train.spike_factor = {t.spike_factor} must be > 1 (or 0 to turn the guard off)")
-    sources = sum(bool(x) for x in (d.inputs, d.store, d.mix))
+    sources = sum(bool(x) for x in (d.inputs, d.store, d.mix, d.phases))
     if sources > 1:
-        p.append("give only one of data.inputs, data.store and data.mix")
-    if d.streaming and (d.store or d.mix):
-        p.append("data.streaming reads raw data.inputs; it cannot be used with data.store or data.mix")
+        p.append("give only one of data.inputs, data.store, data.mix and data.phases")
+    if d.streaming and (d.store or d.mix or d.phases):
+        p.append(
+            "data.streaming reads raw data.inputs; it cannot be used with data.store, data.mix or data.phases"
+        )
+    p.extend(_phase_problems(d.phases))
+    if d.skip:
+        from flame.data.packed import parse_skip
+
+        try:
+            parse_skip(d.skip)
+        except ValueError as e:
+            p.append(f"data.skip = {d.skip!r}: {e} (write e.g. '1200-1250,3000')")
     for key, value in (("data.store", d.store), ("eval.store", cfg.eval.store), ("checkpoint.load", c.load)):
         if value and not Path(value).exists():
             p.append(f"{key}: no such directory '{value}'")
@@ -583,6 +613,55 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             f"data.tokenizer: no such file or directory '{d.tokenizer}' (use 'byte' for the built-in tokenizer)"
         )
+    return p
+
+
+_PHASE_KEYS = ("start_step", "start_tokens", "mix", "ramp_steps")
+
+
+def _phase_problems(phases: list[dict]) -> list[str]:
+    """data.phases: each a start (start_step or start_tokens), a mix of existing stores, a ramp >= 0."""
+    from flame.data.mixture import DataPlan, parse_named_mix
+
+    p: list[str] = []
+    last = -1
+    for i, ph in enumerate(phases):
+        key = f"data.phases[{i}]"
+        extra = sorted(set(ph) - set(_PHASE_KEYS))
+        if extra:
+            p.append(f"{key}: unknown key(s) {', '.join(extra)} (a phase has {', '.join(_PHASE_KEYS)})")
+        starts = [k for k in ("start_step", "start_tokens") if k in ph]
+        if len(starts) != 1:
+            p.append(f"{key}: give exactly one of start_step and start_tokens")
+            continue
+        for k in (*starts, "ramp_steps"):
+            v = ph.get(k, 0)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                p.append(f"{key}.{k} = {v!r} must be an integer >= 0")
+        if i == 0 and ph.get(starts[0]) != 0:
+            p.append(f"{key}: the first phase must start at 0 ({starts[0]} = 0)")
+        if i == 0 and ph.get("ramp_steps"):
+            p.append(f"{key}.ramp_steps: the first phase has no earlier phase to ramp from; remove it")
+        if starts[0] == "start_step" and isinstance(ph["start_step"], int):
+            if ph["start_step"] <= last:
+                p.append(f"{key}.start_step = {ph['start_step']} must be after the previous phase's ({last})")
+            last = ph["start_step"]
+        if not isinstance(ph.get("mix"), str):
+            p.append(
+                f"{key}.mix: give the phase's weights as a string like 'web=stores/web:0.8,code=stores/code:0.2'"
+            )
+            continue
+        try:
+            for _name, path, _w in parse_named_mix(ph["mix"]):
+                if not Path(path).exists():
+                    p.append(f"{key}.mix: no such store '{path}'")
+        except ValueError as e:
+            p.append(f"{key}.mix: {e}")
+    if not p and phases:
+        try:
+            DataPlan.from_specs([{**ph, "start_step": i} for i, ph in enumerate(phases)])
+        except ValueError as e:
+            p.append(f"data.phases: {e}")
     return p
 
 

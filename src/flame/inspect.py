@@ -93,6 +93,14 @@ class RunSettings:
                     hint="pass --world-size (the number of processes the run trained with)",
                 )
             self.world_size, self.world_from = len(ranks), "the batch logs in batches/"
+        # the data plan (phases over named sources): the run directory's latest, else the checkpoint's
+        self.plan: dict | None = self.data_state.get("plan")
+        plan_file = run_dir / "data_plan.json"
+        if plan_file.is_file():
+            try:
+                self.plan = json.loads(plan_file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise FlameError(f"{plan_file} is not valid JSON: {e}") from None
         d, t = self.cfg.data, self.cfg.train
         g = self.data_state.get("global_batch")
         if g and g != d.batch_size * self.world_size * t.grad_accum:
@@ -170,7 +178,10 @@ def open_run_data(s: RunSettings) -> tuple[list, list[float] | None, object]:
     from flame.data.build import open_store, resolve_tokenizer
 
     tok = resolve_tokenizer(s.cfg)
-    paths, weights = _store_paths(s, tok)
+    if s.plan is not None:  # every source of every phase, by the path the plan records
+        paths, weights = [src["path"] for src in s.plan["sources"]], None
+    else:
+        paths, weights = _store_paths(s, tok)
     for p in paths:
         if not Path(p).exists():
             raise DataError(
@@ -184,8 +195,33 @@ def open_run_data(s: RunSettings) -> tuple[list, list[float] | None, object]:
 def run_loader(s: RunSettings, stores: list, weights: list[float] | None, rank: int):
     """The run's PreparedLoader for one rank, checked against the checkpoint's data fingerprint."""
     from flame.data.loader import PreparedLoader
+    from flame.data.mixture import DataPlan
 
     d = s.cfg.data
+    if s.plan is not None:
+        plan = DataPlan.from_dict(s.plan)
+        loader = PreparedLoader(
+            stores,
+            None,
+            d.context_len,
+            d.seed,
+            d.shuffle,
+            rank,
+            s.world_size,
+            d.batch_size,
+            s.cfg.train.grad_accum,
+            varlen=d.varlen,
+            plan=plan,
+            epoch_shift=bool(s.plan.get("epoch_shift", d.epoch_shift)),
+        )
+        for was, now in zip(s.plan["sources"], loader.plan.sources):
+            if was.get("fingerprint") and was["fingerprint"] != now.get("fingerprint"):
+                raise DataError(
+                    f"source {was['name']} ({was['path']}) has changed since the run read it, so the batches "
+                    "shown would not be the ones trained on",
+                    hint="restore the store the run trained on",
+                )
+        return loader
     loader = PreparedLoader(
         stores,
         weights,
@@ -273,9 +309,14 @@ def inspect_step(
         "trained_steps": _trained_steps(run_dir),
         "micro_batches": [],
     }
+    from flame.data.packed import SkipRanges
+
+    out["skipped"] = SkipRanges(cfg.data.skip)(step)  # data.skip: read, never trained on
     stores, weights, tok = open_run_data(s)
     for r in ranks:
         loader = run_loader(s, stores, weights, r)
+        names = loader.plan.names
+        out["phase"] = loader.phase_of(step)
         recorded = _recorded(run_dir, r, step)
         source = loader.source
         for a in micros:
@@ -304,6 +345,8 @@ def inspect_step(
                 row = ids[b].numpy()
                 sample = {
                     "sample": k,
+                    "source": names[int(src[b])],
+                    "nth": int(nth[b]),
                     "store": str(part.store.path),
                     "epoch": int(nth[b]) // part.num_samples,
                     "start": int(starts[b]),
@@ -323,6 +366,10 @@ def format_report(rep: dict) -> str:
         f"{rep['batch_size']} sample(s) x {rep['grad_accum']} micro-step(s) per rank, "
         f"global batch {rep['global_batch']} samples of {rep['context_len']} tokens",
     ]
+    if rep.get("phase"):
+        lines.append(f"data {rep['phase']}")
+    if rep.get("skipped"):
+        lines.append(f"step {rep['step']} is in data.skip: its batches were read and not trained on")
     if rep["step"] > rep["trained_steps"]:
         lines.append(
             f"note: metrics.jsonl records {rep['trained_steps']} step(s) so far; this is the batch step "
@@ -348,7 +395,7 @@ def format_report(rep: dict) -> str:
                 else ""
             )
             lines.append(
-                f"  sample {x['sample']} (epoch {x['epoch']}, tokens {x['start']}-{x['start'] + rep['context_len']} "
+                f"  sample {x['sample']} ({x['source']} #{x['nth']}, epoch {x['epoch']}, tokens {x['start']}-{x['start'] + rep['context_len']} "
                 f"of {x['store']}): from {src}{more}"
             )
             for doc in docs[1:]:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from flame.checkpoint import Checkpointer
 from flame.config import Config, config_from_dict
 from flame.data.build import build_loader, resolve_tokenizer
+from flame.data.packed import SkipRanges
 from flame.errors import CheckpointError, ConfigError, FlameError
 from flame.evaluate import build_evaluator
 from flame.flops import resolve_flops_per_token
@@ -40,6 +41,8 @@ from flame.parallel import (
 from flame.runguard import RunLock, check_resume_compatible
 
 # Settings that change the data order or the model: a resume with a different value is refused.
+# (data.mix / data.store are not here: a changed mixture becomes a new phase of the data plan, and
+# the loader refuses what would rewrite the past -- a source's content, the data settings.)
 FROZEN_KEYS = (
     "model.name",
     "model.vocab_size",
@@ -47,8 +50,6 @@ FROZEN_KEYS = (
     "model.overrides",
     "model.import_modules",
     "data.inputs",
-    "data.store",
-    "data.mix",
     "data.tokenizer",
     "data.text_field",
     "data.context_len",
@@ -100,7 +101,8 @@ class LogWindow:
         self.num_sources = num_sources
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, start_step: int = 0) -> None:
+        self.start_step = start_step  # the step the window follows (skipped steps inside count too)
         self.loss_sum: torch.Tensor | float = 0.0
         self.targets = 0  # global target tokens, counted on the host
         self.steps = 0
@@ -151,6 +153,7 @@ class LogWindow:
             "loss_sum": vals[0],
             "targets": self.targets,
             "steps": self.steps,
+            "start_step": self.start_step,
             "src_loss": vals[1 : 1 + n] if self.src_loss is not None else None,
             "src_targets": vals[1 + n :] if self.src_loss is not None else None,
         }
@@ -161,6 +164,7 @@ class LogWindow:
         dev = world.device
         self.loss_sum = torch.tensor(state["loss_sum"] if keep else 0.0, dtype=torch.float64, device=dev)
         self.targets, self.steps = int(state["targets"]), int(state["steps"])
+        self.start_step = int(state.get("start_step", -1))  # -1: an older checkpoint, set by the trainer
         for key in ("src_loss", "src_targets"):
             v = state.get(key)
             if v is not None and len(v) != self.num_sources:  # a mixture changed (allow_config_change)
@@ -234,6 +238,7 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.step, self.tokens, self.elapsed, self.bad_steps_total = 0, 0, 0.0, 0
+        self.skip = SkipRanges(cfg.data.skip)  # data.skip: steps consumed without training
         self.sources = getattr(self.loader, "source_names", None) or []  # a mixture's named sources
         self.guard = GuardState()
         self.window = LogWindow(len(self.sources))
@@ -252,9 +257,13 @@ class Trainer:
         )
         if world.is_main:
             (self.run_dir / "config.toml").write_text(cfg.to_toml())
+            if hasattr(self.loader, "save_plan"):  # -- data plan: what `flame inspect` reconstructs from
+                self.loader.save_plan(self.run_dir)
         self.autocast = self._autocast()
         self.batch_log = BatchLog(self.run_dir, world.rank, self.step) if cfg.log.batches else None
         self.peak_flops = device_peak_flops(world.device, cfg.log.peak_flops)
+        if world.is_main:
+            self._record_start(resume_from)
 
     def _say(self, msg: str) -> None:
         if self.world.is_main:
@@ -315,6 +324,57 @@ class Trainer:
             return lambda: torch.autocast(self.world.device.type, dtype=torch.bfloat16)
         return nullcontext
 
+    def _record_start(self, resumed_from: Path | None) -> None:
+        """One line per (re)start in <run_dir>/starts.jsonl (append-only, never cut): what ran each
+        segment of the run, for `flame report`."""
+        import json
+        import platform
+        import socket
+
+        import transformers
+
+        import flame
+
+        world, dev = self.world, self.world.device
+        cuda = dev.type == "cuda"
+        rec = {
+            "kind": "start",
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed,
+            "time": time.time(),
+            "resumed_from": str(resumed_from) if resumed_from is not None else None,
+            "world_size": world.world_size,
+            "strategy": self.strategy,
+            "grad_accum": self.cfg.train.grad_accum,
+            "global_batch": self.loader.global_batch,
+            "device": dev.type,
+            "device_name": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
+            "device_count": torch.cuda.device_count() if cuda else 1,
+            "dtype": "bf16" if self.autocast is not nullcontext else "fp32",
+            "compile": self.cfg.train.compile,
+            "parameters": self.n_params,
+            "model": model_label(self.cfg.model),
+            "attention": self.attention,
+            "flops_per_token": self.flops_per_token,
+            "flops_source": self.flops_source,
+            "peak_flops": self.peak_flops,
+            "versions": {
+                "flame": flame.__version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+                "cuda": torch.version.cuda,
+                "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+            },
+            "host": socket.gethostname(),
+        }
+        try:
+            with open(self.run_dir / "starts.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:  # a record for reports: never a reason to stop a run
+            self._say(f"warning: cannot append to {self.run_dir / 'starts.jsonl'}: {e.strerror or e}")
+
     def _warn_schedule(self) -> None:
         o, total = self.cfg.optim, self.total_steps
         if o.warmup_steps >= total:
@@ -331,9 +391,16 @@ class Trainer:
         self.bad_steps_total = state.get("bad_steps", 0)
         self.guard.load_state_dict(state.get("guard", {}))
         self._apply_optim_config()
+        self.loader.load_state_dict(state["data"], allow_change=self.cfg.checkpoint.allow_config_change)
+        # -- data plan: a re-weight on resume may add sources (the plan keeps the earlier ones)
+        self.sources = getattr(self.loader, "source_names", None) or []
+        self.window = LogWindow(len(self.sources))
+        # -- end data plan
+        self.window.reset(self.step)
         if "window" in state:
             self.window.load_state_dict(state["window"], self.world)
-        self.loader.load_state_dict(state["data"], allow_change=self.cfg.checkpoint.allow_config_change)
+            if self.window.start_step < 0:
+                self.window.start_step = self.step - self.window.steps
         self._say(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens seen)")
 
     def _apply_optim_config(self) -> None:
@@ -422,6 +489,12 @@ class Trainer:
             self.evaluate()
         stopped = "done"
         while self.step < self.total_steps:
+            if self.skip(self.step + 1):  # -- data.skip: the step's data is consumed, never trained on
+                for _ in range(t.grad_accum):
+                    next(it)
+                self.scheduler.step()
+                self.step += 1
+                continue  # -- end data.skip
             t0 = time.perf_counter()
             micro = [next(it) for _ in range(t.grad_accum)]
             self._win_wait += time.perf_counter() - t0
@@ -607,11 +680,12 @@ class Trainer:
             "eta_s": remaining,
             "percent": 100.0 * self.step / self.total_steps,
             "bad_steps": self.bad_steps_total,
+            "skipped_steps": self.skip.through(self.step),
         }
         if self.sources:
             rec["sources"] = self._source_record(per_source)
         self.logger.log(rec)
-        self.window.reset()
+        self.window.reset(self.step)
         self._win_t0, self._win_wait = time.perf_counter(), 0.0
         self._win_tokens0, self._paused = self.tokens, 0.0
         return loss_v
@@ -621,8 +695,8 @@ class Trainer:
         its achieved share of all tokens so far, and its target share. Token counts come from the
         mixture's arithmetic (samples of each source among the first k global samples)."""
         L = self.cfg.data.context_len
-        now = self.loader.source_samples(self.step)
-        before = self.loader.source_samples(self.step - self.window.steps)
+        now = self._trained_samples(0, self.step)
+        window = self._trained_samples(self.window.start_step, self.step)
         total = max(1, int(now.sum()))
         out = {}
         for i, name in enumerate(self.sources):
@@ -630,12 +704,22 @@ class Trainer:
             out[name] = {
                 "loss": loss,
                 "target_tokens": targets,
-                "tokens": int(now[i] - before[i]) * L,
+                "tokens": int(window[i]) * L,
                 "tokens_total": int(now[i]) * L,
                 "share": float(now[i]) / total,
                 "target_share": float(self.loader.weights[i]),
             }
         return out
+
+    def _trained_samples(self, a: int, b: int):
+        """Samples of each source that steps a+1..b trained on: the mixture's arithmetic over those
+        steps, less the `data.skip` ranges inside them (consumed, never trained on)."""
+        got = self.loader.source_samples(b) - self.loader.source_samples(a)
+        for lo, hi in self.skip.ranges:
+            lo, hi = max(lo - 1, a), min(hi, b)
+            if lo < hi:
+                got = got - (self.loader.source_samples(hi) - self.loader.source_samples(lo))
+        return got
 
     def evaluate(self) -> float:
         """Held-out loss, perplexity and bits per byte (and per mixture source); logged, returned."""

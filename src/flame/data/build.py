@@ -17,7 +17,7 @@ DEFAULT_INPUTS = ["stdlib"]  # the running interpreter's standard library: text 
 
 
 def inputs_of(cfg: Config) -> list[str]:
-    return cfg.data.inputs or ([] if (cfg.data.store or cfg.data.mix) else DEFAULT_INPUTS)
+    return cfg.data.inputs or ([] if (cfg.data.store or cfg.data.mix or cfg.data.phases) else DEFAULT_INPUTS)
 
 
 def _cache_key(paths: list[str], tok: Tokenizer, text_field: str) -> str:
@@ -93,6 +93,10 @@ def store_tokenizer(path: str | Path) -> Tokenizer:
 def resolve_tokenizer(cfg: Config) -> Tokenizer:
     """data.tokenizer, or — when reading stores with the default tokenizer — the stores' own."""
     first = cfg.data.store or (cfg.data.mix and _mix_paths(cfg)[0])
+    if cfg.data.phases and not first:
+        from flame.data.mixture import parse_mix
+
+        first = parse_mix(cfg.data.phases[0]["mix"])[0][0]
     if first and cfg.data.tokenizer == "byte" and Path(first, "manifest.json").is_file():
         return store_tokenizer(first)
     return load_tokenizer(cfg.data.tokenizer)
@@ -104,6 +108,24 @@ def _mix_paths(cfg: Config) -> list[str]:
     return [p for p, _ in parse_mix(cfg.data.mix)]
 
 
+def config_plan(cfg: Config, world_size: int):
+    """data.phases as a DataPlan: start_tokens become the first step at or after that many tokens."""
+    from flame.data.mixture import DataPlan
+
+    d = cfg.data
+    per_step = d.batch_size * world_size * cfg.train.grad_accum * d.context_len
+    phases = []
+    for ph in d.phases:
+        start = ph["start_step"] if "start_step" in ph else -(-int(ph["start_tokens"]) // per_step)
+        phases.append(
+            {"start_step": int(start), "mix": ph["mix"], "ramp_steps": int(ph.get("ramp_steps", 0))}
+        )
+    try:
+        return DataPlan.from_specs(phases)
+    except ValueError as e:
+        raise DataError(f"data.phases: {e}") from None
+
+
 def build_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=print):
     """The training loader of this rank."""
     d = cfg.data
@@ -113,8 +135,11 @@ def build_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=p
         return StreamingLoader.from_config(cfg, inputs_of(cfg), tok, world)
     from flame.data.loader import PreparedLoader
 
-    weights = names = None
-    if d.mix:
+    weights = names = plan = None
+    if d.phases:
+        plan = config_plan(cfg, world.world_size)
+        stores = [open_store(src["path"], tok) for src in plan.sources]
+    elif d.mix:
         from flame.data.mixture import parse_named_mix
 
         named = parse_named_mix(d.mix)
@@ -138,6 +163,8 @@ def build_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=p
         varlen=d.varlen,
         num_workers=d.num_workers,
         names=names,
+        plan=plan,
+        epoch_shift=d.epoch_shift,
     )
     n, g = loader.source.num_samples, loader.global_batch
     if n < g:

@@ -8,15 +8,20 @@ m = w (mod workers), so the order never depends on the worker count.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from flame.data.mixture import DataPlan, PhasedSchedule, parse_named_mix
 from flame.data.packed import SampleSource, micro_batch_samples, varlen_fields
 from flame.data.store import TokenStore
 from flame.errors import DataError
 
 STATE_VERSION = 1
+PLAN_FILE = "data_plan.json"
 
 
 class PreparedBatches(IterableDataset):
@@ -36,7 +41,7 @@ class PreparedBatches(IterableDataset):
         self.rank, self.world, self.batch_size, self.accum = rank, world, batch_size, accum
         self.varlen = varlen
         self.start = start
-        self.L = source.context_len
+        self.L = source.context_len if source is not None else 0
 
     def samples(self, micro: int) -> np.ndarray:
         return micro_batch_samples(micro, self.rank, self.world, self.batch_size, self.accum)
@@ -45,12 +50,14 @@ class PreparedBatches(IterableDataset):
         ks = self.samples(micro)
         src, starts = self.source.locate(ks)
         out = np.empty((len(ks), self.L), dtype=np.int64)
-        stores = [p.store for p in self.source.parts]
+        stores = [p.store if p is not None else None for p in self.source.parts]
         if len(stores) == 1:
             stores[0].read_windows(starts, out)
         else:
             for s in np.unique(src).tolist():
                 rows = np.nonzero(src == s)[0]
+                if stores[s] is None:
+                    raise DataError(f"micro-batch {micro} reads mixture source {s}, whose store is not open")
                 stores[s].read_windows(starts[rows], out, rows)
         batch = {"input_ids": torch.from_numpy(out), "samples": torch.from_numpy(ks)}
         if len(stores) > 1:  # which mixture source each window came from: per-source loss
@@ -98,19 +105,88 @@ class PreparedLoader:
         varlen: bool = False,
         num_workers: int = 0,
         names: list[str] | None = None,
+        plan: DataPlan | None = None,
+        epoch_shift: bool = False,
     ):
-        self.source = SampleSource(stores, weights, context_len, seed, shuffle)
-        self.stores = stores
-        self.weights = list(weights) if weights else [1.0]
-        self.source_names = list(names) if names and len(stores) > 1 else []
-        self.batches = PreparedBatches(self.source, rank, world, batch_size, accum, varlen)
-        self.num_workers = num_workers
+        """`plan` (phases over named sources, `stores` aligned with its sources, None for one not
+        read any more) replaces `weights` / `names`."""
+        self.context_len, self.seed, self.shuffle, self.epoch_shift = context_len, seed, shuffle, epoch_shift
         self.global_batch = batch_size * world * accum
         self.accum = accum
         self.micro = 0
-        self.fingerprint = (
-            "|".join(s.fingerprint() for s in stores) + f"|L{context_len}|s{seed}|{shuffle}|{weights}"
+        self.num_workers = num_workers
+        self._legacy = plan is None and not epoch_shift  # the fingerprint of runs before data plans
+        if plan is None:
+            if names is None or len(names) != len(stores):
+                paths = [str(s.path) for s in stores]
+                names = [n for n, _, _ in parse_named_mix(",".join(f"{p}:1" for p in paths))]
+            ws = list(weights) if weights else [1.0] * len(stores)
+            plan = DataPlan(
+                [{"name": n, "path": str(s.path)} for n, s in zip(names, stores)],
+                [{"start_step": 0, "mix": dict(zip(names, ws))}],
+            )
+        self.batches = PreparedBatches(None, rank, world, batch_size, accum, varlen)  # source: below
+        self._set_plan(plan, stores)
+        self._legacy_weights = weights
+
+    def _set_plan(self, plan: DataPlan, stores: list) -> None:
+        self.plan = plan
+        self.stores = list(stores)
+        for src, st in zip(plan.sources, stores):
+            if st is not None:
+                src["fingerprint"] = st.fingerprint()
+        schedule = None
+        if len(stores) > 1:
+            starts, weights = plan.segments(self.global_batch)
+            schedule = PhasedSchedule(starts, weights, self.seed)
+        self.source = SampleSource(
+            stores,
+            None,
+            self.context_len,
+            self.seed,
+            self.shuffle,
+            schedule=schedule,
+            epoch_shift=self.epoch_shift,
         )
+        self.batches.source = self.source
+        self.batches.L = self.context_len
+        self.source_names = plan.names if len(stores) > 1 else []
+
+    @property
+    def weights(self) -> list[float]:
+        """Target share of each source in the step last read (the current phase, or ramp piece)."""
+        if self.source.schedule is None:
+            return [1.0]
+        k = max(0, self.micro // self.accum * self.global_batch - 1)
+        return self.source.schedule.weights_at(k).tolist()
+
+    @property
+    def fingerprint(self) -> str:
+        fps = "|".join(s.get("fingerprint", "") for s in self.plan.sources)
+        base = f"{fps}|L{self.context_len}|s{self.seed}|{self.shuffle}"
+        if self._legacy and len(self.plan.phases) == 1:
+            return base + f"|{self._legacy_weights}"
+        return base + f"|shift{self.epoch_shift}"
+
+    def phase_of(self, step: int) -> str:
+        """The phase of the 1-based `step`, in words."""
+        return self.plan.describe_phase(step)
+
+    def save_plan(self, run_dir: str | Path) -> Path:
+        """Write the plan to <run_dir>/data_plan.json (what `flame inspect` reconstructs from)."""
+        path = Path(run_dir) / PLAN_FILE
+        tmp = path.with_suffix(".tmp")
+        body = {
+            **self.plan.to_dict(),
+            "global_batch": self.global_batch,
+            "context_len": self.context_len,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch_shift": self.epoch_shift,
+        }
+        tmp.write_text(json.dumps(body, indent=1) + "\n")
+        tmp.replace(path)
+        return path
 
     @property
     def tokens_per_micro(self) -> int:
@@ -134,7 +210,8 @@ class PreparedLoader:
         )
         for b in dl:
             for s in self.stores:  # the background checksum runs here, not in the workers
-                s.raise_if_damaged()
+                if s is not None:
+                    s.raise_if_damaged()
             self.micro += 1
             yield b
 
@@ -158,17 +235,22 @@ class PreparedLoader:
             "next_sample": self.micro // self.accum * self.global_batch,
             "global_batch": self.global_batch,
             "fingerprint": self.fingerprint,
+            "plan": self.plan.to_dict(),
+            "settings": self._settings(),
+        }
+
+    def _settings(self) -> dict:
+        return {
+            "context_len": self.context_len,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "epoch_shift": self.epoch_shift,
         }
 
     def load_state_dict(self, state: dict, allow_change: bool = False) -> None:
         if state.get("kind") != self.kind or state.get("version") != STATE_VERSION:
             raise DataError(
                 f"the checkpoint's data state is of kind {state.get('kind')!r}, this run reads {self.kind}"
-            )
-        if state["fingerprint"] != self.fingerprint and not allow_change:
-            raise DataError(
-                "the data (stores, context length, seed or shuffle) differs from the checkpoint's",
-                hint="resume with the same data settings, or pass --checkpoint.allow_config_change true",
             )
         g = state["global_batch"]
         if g != self.global_batch:
@@ -177,4 +259,47 @@ class PreparedLoader:
                 "(batch_size x world x grad_accum)",
                 hint=f"choose data.batch_size and train.grad_accum so that their product with the world size is {g}",
             )
+        if "plan" in state:
+            self._continue_plan(state, allow_change)
+        elif state["fingerprint"] != self.fingerprint and not allow_change:
+            raise DataError(
+                "the data (stores, context length, seed or shuffle) differs from the checkpoint's",
+                hint="resume with the same data settings, or pass --checkpoint.allow_config_change true",
+            )
         self.micro = state["next_sample"] // g * self.accum
+
+    def _continue_plan(self, state: dict, allow_change: bool) -> None:
+        """Resume under the saved plan: what would rewrite the past (data settings, a source's
+        content) is refused; a changed mixture or a new source becomes a new phase at this step."""
+        saved = DataPlan.from_dict(state["plan"])
+        step = state["next_sample"] // state["global_batch"]
+        problems = []
+        for key, was in (state.get("settings") or {}).items():
+            now = self._settings().get(key)
+            if now != was:
+                problems.append(f"data.{key}: {was!r} in the checkpoint, {now!r} now")
+        mine = {s["name"]: (s, st) for s, st in zip(self.plan.sources, self.stores)}
+        by_path = {s["path"]: s["name"] for s in saved.sources}
+        for s in saved.sources:
+            if s["name"] in mine and mine[s["name"]][0].get("fingerprint") != s.get("fingerprint"):
+                problems.append(
+                    f"source {s['name']}: its store's content differs from the checkpoint's "
+                    f"({mine[s['name']][0]['path']})"
+                )
+        for s in self.plan.sources:
+            old = by_path.get(s["path"])
+            if old is not None and old != s["name"]:
+                problems.append(f"store {s['path']} was source {old!r} and is named {s['name']!r} now")
+        if problems and not allow_change:
+            raise DataError(
+                "resuming would rewrite the data of the steps already trained:\n    "
+                + "\n    ".join(problems),
+                hint="resume with the checkpoint's data settings and stores (a changed mixture is fine: it "
+                "becomes a new phase), start a new --train.run_dir, or pass --checkpoint.allow_config_change true",
+            )
+        plan = saved.continued(self.plan, step)
+        stores = [mine[n][1] if n in mine else None for n in plan.names]
+        for src, old in zip(plan.sources, saved.sources):  # sources no longer read keep their record
+            if src.get("fingerprint") is None and old.get("fingerprint"):
+                src["fingerprint"] = old["fingerprint"]
+        self._set_plan(plan, stores)

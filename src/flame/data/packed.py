@@ -10,12 +10,50 @@ from __future__ import annotations
 
 import numpy as np
 
-from flame.data.mixture import MixtureSchedule
-from flame.data.order import samples_at
+from flame.data.mixture import MixtureSchedule, PhasedSchedule
+from flame.data.order import _u64, mix64, samples_at
 from flame.data.store import TokenStore
 from flame.errors import DataError
 
 _CHUNK = 1 << 16  # samples whose locations are computed at once (vectorised permutation)
+_SHIFT_TAG = 0x7368696674657021  # "shifter!": the per-epoch window offsets' own key
+
+
+class SkipRanges:
+    """``data.skip``: steps (1-based, as in metrics.jsonl) whose data is consumed without training,
+    e.g. ``"1200-1250,3000"``. Pure arithmetic of the step: deterministic and resumable."""
+
+    def __init__(self, spec: str = ""):
+        self.spec = spec or ""
+        self.ranges = parse_skip(self.spec)
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def __call__(self, step: int) -> bool:
+        return any(a <= step <= b for a, b in self.ranges)
+
+    def through(self, step: int) -> int:
+        """How many of the steps 1..step are skipped."""
+        return sum(max(0, min(b, step) - a + 1) for a, b in self.ranges)
+
+
+def parse_skip(spec: str) -> list[tuple[int, int]]:
+    """``"1200-1250,3000"`` -> [(1200, 1250), (3000, 3000)], sorted; ValueError naming the bad entry."""
+    out = []
+    for raw in (spec or "").split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        a, dash, b = part.partition("-")
+        try:
+            lo, hi = int(a), int(b) if dash else int(a)
+        except ValueError:
+            raise ValueError(f"entry {part!r} is not a step or a range 'first-last' of steps") from None
+        if lo < 1 or hi < lo:
+            raise ValueError(f"entry {part!r}: steps count from 1 and a range's last step is >= its first")
+        out.append((lo, hi))
+    return sorted(out)
 
 
 def micro_batch_samples(micro: int, rank: int, world: int, batch: int, accum: int) -> np.ndarray:
@@ -34,11 +72,15 @@ def micro_batch_samples(micro: int, rank: int, world: int, batch: int, accum: in
 class StoreSamples:
     """Samples of one store: global sample k -> token start offset in the store's stream."""
 
-    def __init__(self, store: TokenStore, context_len: int, seed: int, shuffle: bool):
+    def __init__(
+        self, store: TokenStore, context_len: int, seed: int, shuffle: bool, epoch_shift: bool = False
+    ):
         self.store = store
         self.context_len = context_len
         self.seed = seed
         self.shuffle = shuffle
+        self.epoch_shift = epoch_shift
+        self._shift_key = mix64(_u64(int(seed)) ^ _u64(_SHIFT_TAG))[0]
         self.num_samples = store.num_tokens // context_len
         if self.num_samples == 0:
             raise DataError(
@@ -48,8 +90,23 @@ class StoreSamples:
 
     def starts(self, ks: np.ndarray) -> np.ndarray:
         """Token start offsets of global samples `ks` (any order, any epochs)."""
-        _, local = samples_at(ks, self.num_samples, self.seed, self.shuffle)
-        return local.astype(np.int64) * self.context_len
+        epochs, local = samples_at(ks, self.num_samples, self.seed, self.shuffle)
+        starts = local.astype(np.int64) * self.context_len
+        if self.epoch_shift:
+            starts += self.shifts(epochs)
+            np.minimum(starts, self.store.num_tokens - self.context_len, out=starts)
+        return starts
+
+    def shifts(self, epochs: np.ndarray) -> np.ndarray:
+        """Token offset of the window grid in each epoch: 0 in epoch 0, then keyed in [0, L).
+
+        Window i of epoch e is tokens [o + i*L, o + (i+1)*L); when o exceeds the slack
+        (tokens - windows*L) the last window is the stream's last L tokens instead. So an
+        epoch reads every token once except its first o tokens (and the slack past the last
+        window, or, when o is larger than the slack, o - slack tokens read twice)."""
+        e = np.asarray(epochs, dtype=np.int64)
+        o = (mix64(_u64(e) ^ self._shift_key) % np.uint64(self.context_len)).astype(np.int64)
+        return np.where(e == 0, 0, o).reshape(e.shape)
 
     def epoch_of(self, k: int) -> int:
         return k // self.num_samples
@@ -65,9 +122,18 @@ class SampleSource:
         context_len: int,
         seed: int,
         shuffle: bool,
+        schedule: PhasedSchedule | None = None,
+        epoch_shift: bool = False,
     ):
-        self.parts = [StoreSamples(s, context_len, seed + 7919 * i, shuffle) for i, s in enumerate(stores)]
-        self.schedule = MixtureSchedule(weights, seed) if len(stores) > 1 else None
+        """`stores`: one per source (None for a source no longer read: a past phase's); `schedule`
+        (a phased plan) replaces `weights`."""
+        self.parts = [
+            StoreSamples(s, context_len, seed + 7919 * i, shuffle, epoch_shift) if s is not None else None
+            for i, s in enumerate(stores)
+        ]
+        if schedule is None and len(stores) > 1:
+            schedule = MixtureSchedule(weights, seed)
+        self.schedule = schedule
         self.context_len = context_len
         self._cache_chunk = -1
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
@@ -77,7 +143,7 @@ class SampleSource:
         """Samples in one pass (an epoch of the first store, or of the whole mixture by weight)."""
         if self.schedule is None:
             return self.parts[0].num_samples
-        return sum(p.num_samples for p in self.parts)
+        return sum(p.num_samples for p in self.parts if p is not None)
 
     def _compute(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if self.schedule is None:
@@ -87,7 +153,8 @@ class SampleSource:
         for s, part in enumerate(self.parts):
             m = src == s
             if m.any():
-                starts[m] = part.starts(n[m])
+                # a source of a past phase whose store is not open: never read from here on
+                starts[m] = part.starts(n[m]) if part is not None else -1
         return src.astype(np.int64), starts
 
     def locate(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

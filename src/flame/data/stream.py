@@ -187,6 +187,7 @@ class TokenStream:
         spec, tok = self.spec, self.spec.tokenizer
         n, slot, start = spec.num_units, self.slot, self.doc
         empty_run = 0
+        units_read, tokens_read = 0, 0  # over the corpus's unit count x streams: a pass or more
         while True:
             unit = spec.units[slot_unit(slot, n, spec.seed, spec.shuffle)]
             got = False
@@ -195,11 +196,23 @@ class TokenStream:
                 docs.append(doc)
                 chars += len(doc.text)
                 if chars >= self._budget:
-                    yield self._encode(slot, docs, tok)
+                    chunk = self._encode(slot, docs, tok)
+                    tokens_read += len(chunk.tokens)
+                    yield chunk
                     got, docs, chars = True, [], 0
             if docs:
-                yield self._encode(slot, docs, tok)
+                chunk = self._encode(slot, docs, tok)
+                tokens_read += len(chunk.tokens)
+                yield chunk
                 got = True
+            units_read += 1
+            if units_read == n * spec.num_streams and 0 < tokens_read < spec.context_len:
+                # the rule of prepared mode too: a pass over the data holds at least one sample
+                raise DataError(
+                    f"streaming: a pass over the {n} input unit(s) gave {tokens_read} tokens, fewer than one "
+                    f"sample of data.context_len = {spec.context_len}: every sample would repeat the corpus",
+                    hint="use more data or a smaller --data.context_len",
+                )
             empty_run = 0 if got else empty_run + 1
             if empty_run > 8 * n + 8:
                 raise DataError(
