@@ -70,3 +70,75 @@ def test_random_corpus_bytes(tmp_path_factory, data, suffix):
         assert e.message
         return
     assert manifest["num_tokens"] >= 0
+
+
+EDGES = ["nan", "inf", "-inf", "1e30", "-1e30", "0", "-1", "1e-300", "9223372036854775808"]
+
+
+def _numeric_keys():
+    from flame.config import _SECTION_TYPES, _field_types
+
+    return [
+        f"{s}.{n}"
+        for s, cls in _SECTION_TYPES.items()
+        for n, t in _field_types(cls).items()
+        if t in (int, float)
+    ]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_numeric_keys()), st.sampled_from(EDGES)), min_size=1, max_size=4))
+def test_numbers_at_the_edges(pairs):
+    """Every numeric knob at NaN, infinities, huge, zero and negative values: a ConfigError, or a
+    config whose numbers are all finite and within bounds."""
+    import math
+
+    from flame.config import _SECTION_TYPES, INT_BOUNDS, _field_types
+
+    argv = [x for k, v in pairs for x in (f"--{k}", v)]
+    try:
+        cfg = load_config(argv)
+    except ConfigError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+        return
+    for s, cls in _SECTION_TYPES.items():
+        for n, t in _field_types(cls).items():
+            v = getattr(getattr(cfg, s), n)
+            if t is float:
+                assert math.isfinite(v), (s, n, v)
+            elif t is int:
+                assert abs(v) <= INT_BOUNDS.get(f"{s}.{n}", 1 << 62), (s, n, v)
+
+
+markers = st.one_of(
+    st.none(),
+    st.integers(),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(
+        st.text(max_size=6),
+        st.one_of(
+            st.integers(),
+            st.text(max_size=4),
+            st.dictionaries(st.sampled_from(["size", "sha256"]), st.integers()),
+        ),
+        max_size=3,
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(markers.map(lambda m: {"files": m}), markers), st.booleans())
+def test_damaged_complete_markers_are_a_verdict_not_a_crash(tmp_path_factory, marker, as_json):
+    """Any COMPLETE content (JSON of any shape, or bytes that are not JSON) makes `verify` return
+    a reason or None, never raise; a listed file outside the checkpoint is never trusted."""
+    import json
+
+    from flame.checkpoint import verify
+
+    d = tmp_path_factory.mktemp("ckpt")
+    (d / "COMPLETE").write_text(json.dumps(marker) if as_json else str(marker) + "\x00{")
+    got = verify(d)
+    assert got is None or (isinstance(got, str) and got)
+    if got is None:  # only an empty file list of a well-formed marker verifies here
+        assert isinstance(marker, dict) and marker.get("files") == {}
