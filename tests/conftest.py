@@ -1,4 +1,5 @@
 import os
+import sys
 import warnings
 
 import pytest
@@ -21,22 +22,41 @@ LOREM = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _log_handlers_on_live_streams():
+class _CurrentStderr:
+    """Whatever sys.stderr is when a line is written (pytest swaps it per test)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_STDERR = _CurrentStderr()
+
+
+def _repoint_log_handlers() -> None:
     """A library logger (transformers, ...) configured during one test keeps the stream pytest
     captured then; once that stream is closed, its next warning prints a "Logging error"
-    traceback into a later test's output. Point such handlers at the real stderr."""
-    yield
+    traceback into a later test's output. Such handlers write to the current stderr instead."""
     import logging
-    import sys
 
     loggers = [logging.getLogger()] + [
         lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
     ]
     for lg in loggers:
         for h in lg.handlers:
-            if type(h) is logging.StreamHandler and getattr(h.stream, "closed", False):
-                h.stream = sys.__stderr__  # setStream would flush the closed one first
+            stream = getattr(h, "stream", None)
+            if type(h) is logging.StreamHandler and stream is not _STDERR and stream is not sys.__stderr__:
+                if getattr(stream, "closed", False) or type(stream).__module__.startswith("_pytest"):
+                    h.stream = _STDERR  # setStream would flush the old one first
+
+
+@pytest.fixture(autouse=True)
+def _log_handlers_on_live_streams():
+    _repoint_log_handlers()
+    yield
+    _repoint_log_handlers()
 
 
 @pytest.fixture

@@ -111,6 +111,11 @@ def _hf_config(cfg: ModelConfig, rows: int, context_len: int, log: Log):
         raise ConfigError(f"model.name: {path} has no 'model_type'; is it a transformers config.json?")
     fields = {k: v for k, v in raw.items() if k not in _FLAME_KEYS}
     model_type = fields.pop("model_type")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    # transformers warns about special ids outside the new vocabulary; flame drops them below
+    hf_logging.set_verbosity_error()
     try:
         _check_overrides(AutoConfig.for_model(model_type, **fields), cfg.overrides)
         hf = AutoConfig.for_model(model_type, **{**fields, "vocab_size": rows, **cfg.overrides})
@@ -124,6 +129,8 @@ def _hf_config(cfg: ModelConfig, rows: int, context_len: int, log: Log):
             ) from None
         edited = " with model.overrides" if cfg.overrides else ""
         raise ConfigError(f"model.name: transformers cannot read {path}{edited}: {_reason(e)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     said = raw.get("vocab_size")
     if isinstance(said, int) and said != rows:
         log(f"model: vocab_size {said:,} in {path} replaced by {rows:,} (model.vocab_size {cfg.vocab_size})")
