@@ -175,3 +175,22 @@ def run_distributed(fn, nprocs, *args, timeout=300):
             for p in ctx.processes:
                 p.kill()
             raise TimeoutError(f"run_distributed: {fn.__name__} did not finish in {timeout}s")
+
+
+def make_token_store(path, n_docs, seed):
+    """A byte-tokenized store of `n_docs` short documents of seeded random words, at `path`."""
+    import json
+
+    import numpy as np
+
+    from flame.data.prepare import prepare
+    from flame.data.store import TokenStore
+
+    rng = np.random.default_rng(seed)
+    src = path.parent / f"{path.name}.jsonl"
+    with open(src, "w") as f:
+        for i in range(n_docs):
+            words = " ".join(f"w{seed}x{int(x)}" for x in rng.integers(0, 1000, rng.integers(1, 12)))
+            f.write(json.dumps({"text": f"[{i}] {words}"}) + "\n")
+    prepare([str(src)], "byte", str(path), workers=1, progress=False)
+    return TokenStore(path)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_token_store as _make_store
 
 from flame.data.loader import PreparedLoader
 from flame.data.prepare import prepare
@@ -12,17 +13,6 @@ from flame.data.store import TokenStore
 
 L = 16
 EOS = 256
-
-
-def _make_store(path, n_docs, seed):
-    rng = np.random.default_rng(seed)
-    src = path.parent / f"{path.name}.jsonl"
-    with open(src, "w") as f:
-        for i in range(n_docs):
-            words = " ".join(f"w{seed}x{int(x)}" for x in rng.integers(0, 1000, rng.integers(1, 12)))
-            f.write(json.dumps({"text": f"[{i}] {words}"}) + "\n")
-    prepare([str(src)], "byte", str(path), workers=1, progress=False)
-    return TokenStore(path)
 
 
 @pytest.fixture(scope="module")

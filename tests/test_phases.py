@@ -7,28 +7,16 @@ import tomllib
 import numpy as np
 import pytest
 from conftest import TINY
+from conftest import make_token_store as _make_store
 
 from flame.config import Config, config_from_dict, load_config
 from flame.data.loader import PreparedLoader
 from flame.data.mixture import DataPlan, MixtureSchedule, PhasedSchedule, largest_remainder
 from flame.data.packed import SkipRanges, StoreSamples, parse_skip
-from flame.data.prepare import prepare
-from flame.data.store import TokenStore
 from flame.errors import ConfigError, DataError
 
 L = 16
 B, W = 4, 2  # micro-batch, world: G = 8 (x accum)
-
-
-def _make_store(path, n_docs, seed):
-    rng = np.random.default_rng(seed)
-    src = path.parent / f"{path.name}.jsonl"
-    with open(src, "w") as f:
-        for i in range(n_docs):
-            words = " ".join(f"w{seed}x{int(x)}" for x in rng.integers(0, 1000, rng.integers(1, 12)))
-            f.write(json.dumps({"text": f"[{i}] {words}"}) + "\n")
-    prepare([str(src)], "byte", str(path), workers=1, progress=False)
-    return TokenStore(path)
 
 
 @pytest.fixture(scope="module")
