@@ -4,7 +4,8 @@
 
 Tables: (1) prepared reading (flame's PreparedLoader vs a nanoGPT-style random-window np.memmap
 reader vs a memory copy), (2) tokenize: `flame prepare` and streaming vs the raw tokenizer and a
-Hugging Face `datasets` map + group-texts pipeline, (3) resume state size and time to first batch,
+Hugging Face `datasets` map + group-texts pipeline, and prepare balance on one big JSONL (2 workers
+vs the tokenizer's 2-thread ceiling, uint16 and uint32 stores; --balance-mb), (3) resume state size and time to first batch,
 (4) anonymous memory of a reader over a store vs a 10x bigger one. Everything is written under a
 temporary directory; the report is printed and kept in bench/out/data.md.
 
@@ -144,31 +145,62 @@ def child_hf(a: dict) -> dict:
 
 
 def child_prepare(a: dict) -> dict:
-    """`flame prepare` with 2 workers: wall time, and CPU time including its worker processes."""
+    """`flame prepare` with 2 workers (unit_bytes None: its automatic units): wall time, and CPU time
+    including its worker processes."""
     from flame.data.prepare import prepare
 
+    logs: list[str] = []
     t0, c0 = time.perf_counter(), cpu_seconds()
     mf = prepare(
         a["files"],
         a["tok"],
         a["out"],
-        workers=2,
+        workers=a.get("workers", 2),
         progress=False,
         unit_bytes=a["unit_bytes"],
-        log=lambda m: None,
+        log=logs.append,
     )
     seconds = time.perf_counter() - t0
     stop_forkserver()  # its workers' CPU time reaches us once it has exited
-    return {"seconds": seconds, "cpu": cpu_seconds() - c0, "tokens": mf["num_tokens"], "shards": mf["shards"]}
+    return {
+        "seconds": seconds,
+        "cpu": cpu_seconds() - c0,
+        "tokens": mf["num_tokens"],
+        "shards": mf["shards"],
+        "dtype": mf["dtype"],
+        "plan": next((x for x in logs if "task(s) to do" in x), ""),
+    }
 
 
-def _prepared_loader(paths: list[str], weights, varlen: bool = False, workers: int = 0):
+def _prepared_loader(paths: list[str], weights, varlen: bool = False, workers: int = 0, plan=None):
     from flame.data.loader import PreparedLoader
     from flame.data.store import TokenStore
 
     stores = [TokenStore(p) for p in paths]
     return PreparedLoader(
-        stores, weights, CONTEXT, SEED, True, 0, 1, BATCH, 1, varlen=varlen, num_workers=workers
+        stores,
+        context_len=CONTEXT,
+        batch_size=BATCH,
+        seed=SEED,
+        weights=weights,
+        plan=plan,
+        varlen=varlen,
+        num_workers=workers,
+    )
+
+
+def _ramped_plan(store: Path, big: Path, steps: int):
+    """Three phases of S and 10xS over `steps` steps: 0.7/0.3, a linear ramp over the middle third
+    to 0.2/0.8, then 0.5/0.5 (so the timed reads cross phase and ramp-piece boundaries)."""
+    from flame.data.mixture import DataPlan
+
+    third = max(1, steps // 3)
+    return DataPlan.from_specs(
+        [
+            {"start_step": 0, "mix": f"s={store}:0.7,big={big}:0.3"},
+            {"start_step": third, "mix": f"s={store}:0.2,big={big}:0.8", "ramp_steps": third},
+            {"start_step": 2 * third + 1, "mix": f"s={store}:0.5,big={big}:0.5"},
+        ]
     )
 
 
@@ -326,7 +358,6 @@ def section_tokenize(files, tok_dir, tmp: Path, corpus_bytes: int, rounds: int, 
     cpu: dict[str, list[float]] = {}  # CPU seconds per round (all processes of the row)
     extra: dict[str, dict] = {}
     fl = [str(f) for f in files]
-    small_unit = max(1 << 20, corpus_bytes // 8)
     store_tokens = None
     kept_store = None
     methods = ["encode_batch", "encode_batch_fast", "flame"]
@@ -342,7 +373,8 @@ def section_tokenize(files, tok_dir, tmp: Path, corpus_bytes: int, rounds: int, 
                 rows.setdefault(f"{method}|{threads}", []).append(m["seconds"])
                 cpu.setdefault(f"{method}|{threads}", []).append(m["cpu"])
                 extra[f"{method}|{threads}"] = m
-        for label, unit in (("default", 64 << 20), ("split", small_unit)):
+        # "default" keeps its one-shard store for the reading rows (the memmap baseline needs one)
+        for label, unit in (("default", 64 << 20), ("auto", None)):
             out = tmp / f"prep-{label}-{r}"
             res = run_child(
                 "prepare", {"files": fl, "tok": str(tok_dir), "out": str(out), "unit_bytes": unit}
@@ -382,6 +414,64 @@ def section_tokenize(files, tok_dir, tmp: Path, corpus_bytes: int, rounds: int, 
     return rows, cpu, extra, store_tokens, kept_store
 
 
+def section_balance(
+    tmp: Path, tok16: Path, corpus_bytes: int, train_bytes: int, rounds: int, log
+) -> tuple[list, str]:
+    """Prepare balance on ONE big JSONL: `flame prepare` with 2 workers (automatic units, and the old
+    fixed 64 MiB units) against the tokenizer's own ceiling (encode_batch_fast, 2 threads), for a
+    uint16 store (the bench's 16k BPE) and a uint32 one (a BPE trained here towards 100k tokens)."""
+    from flame.data.store import token_dtype
+    from flame.data.tokenizer import load_tokenizer
+
+    docs = documents(max(corpus_bytes, train_bytes))
+    share = len(docs) * corpus_bytes // max(corpus_bytes, train_bytes)
+    big = write_jsonl(docs[:share], tmp / "one-big", 1)[0]
+    # a BPE needs ~20 MB of the standard library to learn more than 65,536 tokens (the uint32 store)
+    tok32 = train_bpe(docs, tmp / "tok-100k", vocab_size=100_000, sample_bytes=train_bytes)
+    del docs
+    if token_dtype(load_tokenizer(str(tok32)).vocab_size) != np.uint32:
+        raise SystemExit(f"the BPE trained on {train_bytes >> 20} MiB fits uint16; train it on more text")
+    size_mb = big.stat().st_size / 1e6
+    log(f"balance: one {size_mb:.1f} MB jsonl; ~100k tokenizer trained")
+    env2 = {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}
+    rows = []
+    for tok in (tok16, tok32):
+        vocab = load_tokenizer(str(tok)).vocab_size
+        rates: dict[str, list[float]] = {}
+        info: dict[str, dict] = {}
+        kinds = ["ceiling", "auto", "fixed64"]
+        for r in range(rounds):
+            for what in kinds[r % 3 :] + kinds[: r % 3]:  # rotate: no row always runs first
+                if what == "ceiling":
+                    args = {"files": [str(big)], "tok": str(tok), "methods": ["encode_batch_fast"]}
+                    res = run_child("encode", args, env2)["encode_batch_fast"]
+                else:
+                    out = tmp / f"balance-{what}"
+                    unit = None if what == "auto" else 64 << 20
+                    args = {"files": [str(big)], "tok": str(tok), "out": str(out), "unit_bytes": unit}
+                    res = run_child("prepare", {**args, "workers": 2})
+                    info[what] = res
+                    shutil.rmtree(out)
+                rates.setdefault(what, []).append(res["tokens"] / res["seconds"])
+        ceil = median(rates["ceiling"])
+        for what, label in (("auto", "automatic units"), ("fixed64", "fixed 64 MiB units (before)")):
+            res = info[what]
+            toks = [sh["tokens"] for sh in res["shards"]]
+            rate = median(rates[what])
+            rows.append(
+                [
+                    f"{res['dtype']} ({vocab:,} tokens)",
+                    f"**flame prepare --workers 2**, {label}",
+                    f"{len(toks)} ({si(min(toks))}-{si(max(toks))} tokens)",
+                    si(ceil),
+                    si(rate),
+                    f"**{rate / ceil:.2f}x**" if what == "auto" else f"{rate / ceil:.2f}x",
+                ]
+            )
+        log(f"balance {info['auto']['dtype']} done: {info['auto']['plan']}")
+    return rows, f"{size_mb:.1f} MB"
+
+
 def section_read(store: Path, big: Path, repeats: int, batches: int, worker_batches: int, log):
     """Model-ready int64 batches per second, interleaved repeats, same store."""
     shards = sorted(store.glob("*.tokens"))
@@ -393,7 +483,9 @@ def section_read(store: Path, big: Path, repeats: int, batches: int, worker_batc
     flat = _prepared_loader([str(store)], None)
     var = _prepared_loader([str(store)], None, varlen=True)
     mix = _prepared_loader([str(store), str(big)], [0.5, 0.5])
-    its = {"flame": iter(flat), "varlen": iter(var), "mix": iter(mix)}
+    plan = _ramped_plan(store, big, 5 + repeats * batches)  # the phases span every batch timed
+    phases = _prepared_loader([str(store), str(big)], None, plan=plan)
+    its = {"flame": iter(flat), "varlen": iter(var), "mix": iter(mix), "phases": iter(phases)}
     for it in its.values():  # warm: page cache, permutation chunks, doc indices
         for _ in range(5):
             next(it)
@@ -410,13 +502,13 @@ def section_read(store: Path, big: Path, repeats: int, batches: int, worker_batc
             fn()
         return time.perf_counter() - t0
 
-    for _ in range(repeats):
+    order = ["memmap", *its]
+    for r in range(repeats):
         t0 = time.perf_counter()
         np.copyto(dst, src)
         times["copy"].append(time.perf_counter() - t0)
-        times["memmap"].append(run(mm, batches))
-        for k, it in its.items():
-            times[k].append(run(lambda it=it: next(it), batches))
+        for k in order[r % len(order) :] + order[: r % len(order)]:  # each row first in turn
+            times[k].append(run(mm if k == "memmap" else lambda it=its[k]: next(it), batches))
     tok_per_batch = BATCH * CONTEXT
     rates = {k: tok_per_batch * batches / median(v) for k, v in times.items() if k != "copy"}
     rates["copy"] = src.size / median(times["copy"])
@@ -488,6 +580,9 @@ def main(argv: list[str] | None = None) -> None:
         "--rounds", type=int, default=None, help="interleaved rounds of the tokenize rows (default 2)"
     )
     ap.add_argument("--no-stream", action="store_true", help="skip the streaming rows")
+    ap.add_argument(
+        "--balance-mb", type=float, default=None, help="the one-big-file prepare rows (default 100, quick 12)"
+    )
     ap.add_argument("--child", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -496,7 +591,7 @@ def main(argv: list[str] | None = None) -> None:
     q = args.quick
     corpus_bytes = int((args.corpus_mb or (3 if q else 20)) * 2**20)
     rounds = args.rounds or (1 if q else 2)
-    read_reps, read_batches, worker_batches = (3, 300, 60) if q else (7, 1500, 300)
+    read_reps, read_batches, worker_batches = (5, 300, 60) if q else (7, 1500, 300)
     mem_batches = 300 if q else 2000
     t_start = time.perf_counter()
     log = lambda m: print(f"[{time.perf_counter() - t_start:6.1f}s] {m}", file=sys.stderr, flush=True)  # noqa: E731
@@ -515,6 +610,10 @@ def main(argv: list[str] | None = None) -> None:
 
         tok_rows, tok_cpu, tok_extra, store_tokens, store = section_tokenize(
             files, tok_dir, tmp, corpus_bytes, rounds, read_batches // 5, log
+        )
+        balance_mb = args.balance_mb or (12 if q else 100)
+        balance_rows, balance_size = section_balance(
+            tmp, tok_dir, int(balance_mb * 2**20), (24 if q else 32) << 20, rounds, log
         )
         big = replicate_store(store, tmp / "store-10x", 10)
         stream = None
@@ -602,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     ceil2 = T / med["encode_batch_fast|2"]
     ceil_cpu = T / mcpu["encode_batch_fast|1"]  # tokens per CPU-second of the bare tokenizer
     pd = tok_extra["prepare|default"]
-    ps = tok_extra["prepare|split"]
+    ps = tok_extra["prepare|auto"]
     hf = tok_extra["hf"]
 
     def trow(label: str, wall: float, cpu_s: float | None, disk: str) -> list:
@@ -622,8 +721,8 @@ def main(argv: list[str] | None = None) -> None:
             if key in med:
                 t_rows.append(trow(f"{label}, {th} thread{'s' * (th > 1)}", med[key], mcpu[key], "-"))
     for key, what, info in (
-        ("prepare|default", f"default 64 MiB units: {pd['shards']} task", pd),
-        ("prepare|split", f"`unit_bytes` = corpus/8: {ps['shards']} tasks", ps),
+        ("prepare|default", f"`--unit-mb 64`: {pd['shards']} task", pd),
+        ("prepare|auto", f"automatic units: {ps['shards']} tasks", ps),
     ):
         disk = f"{info['token_bytes'] / T:.2f} ({info['bytes'] / T:.2f} whole store directory)"
         t_rows.append(trow(f"**flame prepare**, workers=2, {what}", med[key], mcpu[key], disk))
@@ -652,6 +751,7 @@ def main(argv: list[str] | None = None) -> None:
         ("flame", "**flame PreparedLoader**, global shuffle"),
         ("varlen", "**flame PreparedLoader**, global shuffle, varlen (cu_seqlens, position_ids)"),
         ("mix", "**flame PreparedLoader**, 2-store mixture (S 0.5 + 10xS 0.5)"),
+        ("phases", "**flame PreparedLoader**, 3-phase mixture of S and 10xS with a linear ramp"),
         ("workers2", "flame PreparedLoader, num_workers=2 (StatefulDataLoader processes)"),
     ):
         r = rates[key]
@@ -711,10 +811,26 @@ def main(argv: list[str] | None = None) -> None:
             "per CPU-second do not: they compare the work each pipeline spends per token. The streaming rows "
             "read one pass worth of batches and are scaled to the store's token count.",
             "",
+            f"## Prepare balance: one {balance_size} JSONL, 2 workers vs the tokenizer's 2-thread ceiling "
+            f"({rounds} interleaved round(s), median)",
+            "",
+            md_table(
+                ["store", "what", "shards", "ceiling tok/s", "tokens/s", "x ceiling"],
+                balance_rows,
+            ),
+            "",
+            "Ceiling: `Tokenizer.encode_batch_fast` on 2 threads over the same documents in batches of 1,000 "
+            "(no file reading, no writing). Automatic units: sized from the input and the worker count "
+            "(~8 per worker, 2-64 MiB).",
+            "",
             f"## Prepared reading: model-ready int64 [8, 2048] batches (median of {read_reps} interleaved repeats "
             f"of {read_batches} batches)",
             "",
             md_table(["reader", "tokens/s", "x memmap reader", "x memory copy"], r_rows),
+            "",
+            f"Phases with a ramp read at {rates['phases'] / rates['mix']:.2f}x the static mixture; the "
+            f"mixture at {rates['mix'] / rates['flame']:.2f}x and the phases at "
+            f"{rates['phases'] / rates['flame']:.2f}x the one-store reader.",
             "",
             "## Resume: a fresh loader (stores opened, state loaded) to its first batch (median of 5)",
             "",

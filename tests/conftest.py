@@ -1,5 +1,8 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -52,6 +55,18 @@ def _repoint_log_handlers() -> None:
                     h.stream = _STDERR  # setStream would flush the old one first
 
 
+_CACHE = tempfile.mkdtemp(prefix="flame-test-cache-")
+atexit.register(shutil.rmtree, _CACHE, True)
+os.environ["FLAME_CACHE"] = _CACHE  # module fixtures too: tests never write the user's ~/.cache/flame
+
+
+@pytest.fixture(autouse=True)
+def _own_flame_cache(tmp_path_factory, monkeypatch):
+    """Each test its own cache of stores prepared from raw inputs (the same text in two tests would
+    otherwise be prepared once, by whichever ran first)."""
+    monkeypatch.setenv("FLAME_CACHE", str(tmp_path_factory.mktemp("flame-cache")))
+
+
 @pytest.fixture(autouse=True)
 def _log_handlers_on_live_streams():
     _repoint_log_handlers()
@@ -100,12 +115,33 @@ def write_config(path, overrides):
     return path
 
 
+def read_jsonl(path):
+    """Every record of a JSONL file (metrics, batch logs, starts), in order."""
+    import json
+    from pathlib import Path
+
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def metrics(run_dir, kind=None):
+    """A run's metrics.jsonl records, only those of `kind` ('train', 'eval', ...) when given."""
+    from pathlib import Path
+
+    recs = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    return [r for r in recs if kind is None or r.get("kind") == kind]
+
+
+def subprocess_env(**extra):
+    """The environment for a `python -m flame ...` child: one thread, unbuffered output."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+
+
 def run_torchrun(nproc, args, timeout=300, nnodes=1, extra=()):
     """`torchrun --standalone --nproc_per_node=N -m flame ARGS` on CPU (gloo); returns the CompletedProcess."""
     import subprocess
     import sys
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = subprocess_env()
     cmd = [
         sys.executable,
         "-m",

@@ -63,6 +63,7 @@ def _config(tmp_path, corpus, **extra):
     return write_config(tmp_path / "run.toml", over)
 
 
+@pytest.mark.slow
 def test_deterministic_setup_is_bitwise_identical(tmp_path, corpus, capsys):
     cfg = _config(tmp_path, corpus)
     work = tmp_path / "work"
@@ -91,6 +92,7 @@ def _store(root, name, text_of):
     return out
 
 
+@pytest.mark.slow
 def test_mixture_with_varlen_is_bitwise_identical(tmp_path, capsys):
     rng = random.Random(1)
     a = _store(tmp_path, "a", lambda i: "".join(rng.choice("xyz ") for _ in range(rng.randint(5, 200))))
@@ -104,6 +106,7 @@ def test_mixture_with_varlen_is_bitwise_identical(tmp_path, capsys):
     assert "verdict: bitwise identical" in out
 
 
+@pytest.mark.slow
 def test_unseeded_noise_diverges_at_step_1(tmp_path, corpus, capsys):
     cfg = _config(tmp_path, corpus, **{"model.name": f"{HERE}:noisy"})
     assert main(["check", "--config", str(cfg), "--steps", "4", "--no-kill"]) == 1
@@ -113,6 +116,7 @@ def test_unseeded_noise_diverges_at_step_1(tmp_path, corpus, capsys):
     assert "draws random numbers that flame's seed does not fix" in out
 
 
+@pytest.mark.slow
 def test_state_outside_the_checkpoint_diverges_after_the_resume(tmp_path, corpus, capsys):
     cfg = _config(tmp_path, corpus, **{"model.name": f"{HERE}:drifting"})
     assert main(["check", "--config", str(cfg), "--steps", "4", "--no-kill"]) == 1

@@ -148,3 +148,49 @@ def test_default_config_file_equals_embedded_default():
 
     f = Path(__file__).parents[1] / "configs" / "default.toml"
     assert load_config(["--config", str(f)]) == Config()
+
+
+def test_choices_come_from_the_literal_annotations():
+    import typing
+
+    from flame.config import choice_fields, validate
+
+    hints = typing.get_type_hints(type(Config().optim))
+    assert typing.get_origin(hints["schedule"]) is typing.Literal
+    assert choice_fields()["optim.schedule"] == ("cosine", "linear", "constant", "wsd")
+    assert choice_fields()["data.bad_records"] == ("skip", "error")
+    cfg = Config()
+    cfg.parallel.strategy = "fdsp"  # set in code, not parsed: validate still refuses it
+    assert validate(cfg) == [
+        "parallel.strategy = 'fdsp' is not one of auto, none, ddp, fsdp (did you mean fsdp?)"
+    ]
+
+
+def test_tables_on_the_command_line_take_json_or_toml(tmp_path):
+    as_json = load_config(["--model.overrides", '{"hidden_size": 64, "rope_scaling": {"factor": 2.0}}'])
+    as_toml = load_config(["--model.overrides", "{hidden_size = 64, rope_scaling = {factor = 2.0}}"])
+    assert (
+        as_json.model.overrides
+        == as_toml.model.overrides
+        == {"hidden_size": 64, "rope_scaling": {"factor": 2.0}}
+    )
+    with pytest.raises(ConfigError, match="or a TOML inline table"):
+        load_config(["--model.overrides", "{hidden_size: 64"])
+
+
+def test_summary_lists_only_what_differs_from_the_defaults():
+    from flame.config import changed_from_defaults, summary
+
+    assert changed_from_defaults(Config()) == {} and summary(Config()) == "config: the defaults"
+    cfg = load_config(["--optim.lr", "1e-3", "--train.max_steps", "7", "--log.console", "plain"])
+    assert changed_from_defaults(cfg) == {
+        "train": {"max_steps": 7},
+        "optim": {"lr": 1e-3},
+        "log": {"console": "plain"},
+    }
+    assert summary(cfg).splitlines() == [
+        "config (what differs from the defaults):",
+        "  [train] max_steps = 7",
+        "  [optim] lr = 0.001",
+        '  [log] console = "plain"',
+    ]

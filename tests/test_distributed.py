@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from conftest import run_torchrun, tiny_overrides, write_config
 
 
@@ -7,6 +8,7 @@ def _batches(run_dir, rank):
     return [json.loads(x) for x in (run_dir / "batches" / f"rank-{rank}.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_disjoint_batches(tmp_path, corpus):
     run = tmp_path / "ddp"
     cfg = write_config(

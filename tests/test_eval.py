@@ -133,6 +133,7 @@ def _check_record(rec: dict, total: float, count: int, nbytes: int | None = None
         assert rec["bpb"] == pytest.approx(total / (math.log(2) * nbytes), abs=TOL)
 
 
+@pytest.mark.slow
 def test_whole_set_equals_hand_loop(tmp_path):
     held = _make_store(tmp_path / "held", [f"Document {i}. " + LOREM * (1 + i % 3) for i in range(7)])
     ev, tok = _evaluator(tmp_path, **{"eval.store": str(held), "eval.batches": 0, "data.batch_size": 5})
@@ -331,6 +332,7 @@ def _two_rank_worker(rank: int, init: str, tmp: str, held: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one(tmp_path):
     import torch.multiprocessing as mp
 
@@ -345,3 +347,70 @@ def test_two_ranks_equal_one(tmp_path):
             assert a["tokens"] == b["tokens"]
             assert a["loss"] == pytest.approx(b["loss"], abs=TOL)
             assert a["bpb"] == pytest.approx(b["bpb"], abs=TOL)
+
+
+def _phase_stores(tmp: Path) -> tuple[Path, Path]:
+    rng = random.Random(3)
+    noise = _make_store(tmp / "noise", [_random_text(rng, 150) for _ in range(16)], val_fraction=0.5)
+    text = _make_store(tmp / "text", [f"{i} " + LOREM * 2 for i in range(16)], val_fraction=0.5)
+    return noise, text
+
+
+def _phases(noise: Path, text: Path) -> list[dict]:
+    # the source "text" is read only from the second phase on; it is evaluated from the start
+    return [
+        {"start_step": 0, "mix": f"rand={noise}:1"},
+        {"start_step": 2, "mix": f"rand={noise}:0.5,text={text}:0.5"},
+    ]
+
+
+def test_per_source_with_phases(tmp_path):
+    noise, text = _phase_stores(tmp_path)
+    ev, _ = _evaluator(tmp_path, **{"data.phases": _phases(noise, text), "eval.batches": 0})
+    model = _bigram(LOREM * 4)
+    rec = ev.run(model, forward_params(model), None, step=1)[0]
+    assert set(rec["sources"]) == {"rand", "text"}
+    total = count = 0
+    for name, root in (("rand", noise), ("text", text)):
+        val = TokenStore(root / "val")
+        t, c = _hand(model, val, range(val.num_tokens // L))
+        assert rec["sources"][name]["tokens"] == c
+        assert rec["sources"][name]["loss"] == pytest.approx(t / c, abs=TOL)
+        total, count = total + t, count + c
+    _check_record(rec, total, count)  # the union of the sources
+    # without held-out parts in any phase's store, evaluation is refused before the run starts
+    bare = _make_store(tmp_path / "bare", [f"{i} " + LOREM for i in range(8)])
+    with pytest.raises(ConfigError, match="no held-out data"):
+        _evaluator(tmp_path, **{"data.phases": [{"start_step": 0, "mix": f"{bare}:1"}]})
+
+
+@pytest.mark.slow
+def test_trainer_logs_per_source_eval_with_phases(tmp_path):
+    from conftest import final_weights, tiny_overrides
+
+    from flame.model import build_model
+    from flame.trainer import run_training
+
+    noise, text = _phase_stores(tmp_path)
+    run = tmp_path / "run"
+    over = tiny_overrides(run, "unused", **{"data.context_len": L, "train.max_steps": 4, "eval.interval": 2})
+    del over["data.inputs"]
+    over.update({"data.phases": _phases(noise, text), "eval.batches": 0, "checkpoint.interval": 4})
+    cfg = load_config(overrides=over)
+    run_training(cfg)
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(set(r["sources"]) == {"rand", "text"} for r in evals)
+    # the last evaluation, by hand, with the final weights
+    model = build_model(cfg.model, 257, L, log=_quiet)
+    model.load_state_dict(final_weights(run))
+    model.eval()
+    total = count = 0
+    for name, root in (("rand", noise), ("text", text)):
+        val = TokenStore(root / "val")
+        t, c = _hand(model, val, range(val.num_tokens // L))
+        assert evals[-1]["sources"][name]["tokens"] == c
+        assert evals[-1]["sources"][name]["loss"] == pytest.approx(t / c, abs=TOL)
+        total, count = total + t, count + c
+    _check_record(evals[-1], total, count)

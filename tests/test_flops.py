@@ -86,6 +86,7 @@ def _quiet(_msg):
 # ---------------------------------------------------------------- against hand counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
 def test_llama_measured_matches_a_hand_count(tied, kv_heads):
@@ -114,6 +115,7 @@ def test_measuring_leaves_the_model_as_it_was():
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow
 def test_mamba_measured_matches_a_hand_count_and_is_below_the_attention_formula():
     cfg, model = _mamba()
     context = 32
@@ -129,6 +131,7 @@ def test_mamba_measured_matches_a_hand_count_and_is_below_the_attention_formula(
     assert formula_flops_per_token(model, context) == 6.0 * matmul_weights(model)
 
 
+@pytest.mark.slow
 def test_a_slow_pass_is_extrapolated_exactly_from_short_contexts(monkeypatch):
     """A model whose Python loops over time steps (Mamba's reference scan) is too slow to run at the
     real context; three short ones give F(T) = c + a*T + b*T^2, exact for attention and for scans."""
@@ -226,6 +229,7 @@ class _NumpyInside(nn.Module):
         return self.out(h)
 
 
+@pytest.mark.slow
 def test_priority_user_then_model_then_measured_then_formula():
     cfg, model = _llama(tied=False)
     measured, _ = measure_flops_per_token(model, 128)
@@ -380,6 +384,7 @@ def test_mixtures_of_experts_are_not_measured():
 # ---------------------------------------------------------------- cost
 
 
+@pytest.mark.slow
 def test_cost_of_a_measurement_for_llama_125m_at_context_2048(record_property, capsys):
     """Reported, not asserted: the time depends on the machine and its load."""
     from transformers import AutoConfig, AutoModelForCausalLM

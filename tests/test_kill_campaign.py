@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import final_weights, tiny_overrides, write_config
 
@@ -28,6 +29,7 @@ def _saving(run):
     return root.is_dir() and any(".tmp" in p.name for p in root.iterdir())
 
 
+@pytest.mark.slow
 def test_kill_nine_campaign(tmp_path, corpus):
     over = {"train.max_steps": STEPS, "checkpoint.interval": 2, "checkpoint.keep": 2}
     ref = tmp_path / "ref"

@@ -83,6 +83,7 @@ def test_sample_sums_of_a_flattened_row():
         assert int(counts[w]) == sum(1 for t in range(23) if owner[t] == w and labels[0, t + 1] != -100)
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_big_batch_with_varlen(tmp_path, uneven_corpus):
     big = _trainer(tmp_path / "big", uneven_corpus, **{"data.batch_size": 6, "train.grad_accum": 1})
     acc = _trainer(tmp_path / "acc", uneven_corpus, **{"data.batch_size": 2, "train.grad_accum": 3})
@@ -112,6 +113,7 @@ def test_accumulation_equals_one_big_batch_with_varlen(tmp_path, uneven_corpus):
         acc.close()
 
 
+@pytest.mark.slow
 def test_logged_loss_is_the_token_mean_of_documents_run_alone(tmp_path, uneven_corpus):
     """Step 1's logged loss equals a hand computation: every document of every window run alone
     through the initial model, cross-entropies summed, divided by the targets."""
@@ -166,6 +168,7 @@ def _dist_grads(rank, out_dir, run_dir, corpus, strategy, accum=1):
     t.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy,accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2)])
 def test_two_ranks_equal_one_rank_with_varlen(tmp_path, uneven_corpus, strategy, accum):
     """2 ranks x micro-batch 2 (or 2 ranks x 2 micro-batches of 1, through DDP's no_sync) give
@@ -229,6 +232,7 @@ def _store(tmp_path, name, text):
     return out
 
 
+@pytest.mark.slow
 def test_per_source_loss_and_shares_over_one_block(tmp_path):
     """A random-letters source against a repeated sentence: the hard one has the higher loss, the
     achieved shares after one mixture block (1,024 samples) are the block's exact slot counts, and
@@ -380,6 +384,7 @@ def test_bad_step_streak_survives_a_restart(tmp_path, corpus):
     assert (again["stopped"], again["step"]) == ("diverged", 6)
 
 
+@pytest.mark.slow
 def test_end_of_run_sample_stays_inside_positions_and_vocabulary(tmp_path, corpus):
     """A padded vocabulary never samples the unused rows (the byte tokenizer cannot decode them),
     and learned positions as long as the context are never exceeded."""
@@ -413,6 +418,7 @@ def test_sampling_never_produces_padded_rows():
     assert sample_ids(Loud(), [1, 2], 5, 32, temperature=0.0, vocab=None) == [300] * 5
 
 
+@pytest.mark.slow
 def test_per_source_tokens_leave_out_skipped_steps(tmp_path):
     """With data.skip inside a log window, each source's tokens count only the trained steps:
     equal to counting the sources of the batches of those steps."""

@@ -154,6 +154,7 @@ def _losses(run_dir) -> dict[int, float]:
 # ---------------------------------------------------------------- (a) train, (b) resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [*FAMILIES, *CUSTOM])
 def test_trains_with_the_loss_falling(runs, family):
     loss = _losses(runs.full(family))
@@ -162,6 +163,7 @@ def test_trains_with_the_loss_falling(runs, family):
     assert last < first - 0.1, loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [*FAMILIES, *CUSTOM])
 def test_resume_gives_the_same_losses(runs, family):
     a, b = _losses(runs.full(family)), _losses(runs.resumed(family))
@@ -293,6 +295,7 @@ def _flame_generate(capsys, path, *extra) -> str:
     return capsys.readouterr().out.removesuffix("\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_matches_transformers_and_the_no_cache_loop(runs, exported, family, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -144,6 +144,7 @@ def test_pad_vocab_multiple_rounds_rows_up_and_says_so(tmp_path, tok300, family)
 # ---- vocabulary -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_config_json_vocab_is_replaced_by_the_tokenizers(tmp_path):
     tok = load_tokenizer(_bpe(tmp_path / "bpe", 2048))
     assert tok.vocab_size == 2048

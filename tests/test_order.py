@@ -38,6 +38,7 @@ def test_bijection_million(n):
     assert np.array_equal(np.bincount(out, minlength=n), np.ones(n, dtype=np.int64))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2**40, 2**40 - 3, 2**33 + 1, 2**62])
 def test_huge_n_injective_and_in_range(n):
     rng = np.random.default_rng(0)

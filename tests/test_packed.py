@@ -22,7 +22,18 @@ def stores(tmp_path_factory):
 
 
 def _loader(stores, rank=0, world=1, batch=2, accum=1, varlen=False, workers=0, weights=None, seed=5):
-    return PreparedLoader(list(stores), weights, L, seed, True, rank, world, batch, accum, varlen, workers)
+    return PreparedLoader(
+        list(stores),
+        weights=weights,
+        context_len=L,
+        seed=seed,
+        rank=rank,
+        world=world,
+        batch_size=batch,
+        accum=accum,
+        varlen=varlen,
+        num_workers=workers,
+    )
 
 
 def _take(loader, n):
@@ -51,6 +62,7 @@ def test_workers_give_the_same_batches(stores):
         assert torch.equal(x["input_ids"], y["input_ids"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("varlen", [False, True])
 @pytest.mark.parametrize("mix", [False, True])
@@ -163,3 +175,50 @@ def test_batched_reads_across_shard_boundaries(tmp_path):
         assert offs[rows == j].tolist() == want.tolist()
         # a document starts right after each EOS inside the window
         assert set(want.tolist()) == {p + 1 for p in np.nonzero(ref[:-1] == EOS)[0].tolist()}
+
+
+def test_reset_and_seek_position_the_loader(stores):
+    ld = _loader(stores, batch=2, accum=2, weights=[0.6, 0.4], varlen=True)
+    want = _take(_loader(stores, batch=2, accum=2, weights=[0.6, 0.4], varlen=True), 10)
+    _take(ld, 7)
+    ld.reset()
+    assert ld.micro == 0
+    for x, y in zip(want[:3], _take(ld, 3)):
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["cu_seqlens"], y["cu_seqlens"])
+    ld.seek(3)  # three optimizer steps of 2 micro-batches read
+    for x, y in zip(want[6:], _take(ld, 4)):
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["samples"], y["samples"])
+    assert ld.state_dict()["next_sample"] == 5 * ld.global_batch
+    with pytest.raises(ValueError, match="step >= 0"):
+        ld.seek(-1)
+
+
+def test_constructor_is_keyword_only_and_from_config_matches_it(stores):
+    from flame.config import Config
+
+    with pytest.raises(TypeError):
+        PreparedLoader(list(stores), [0.5, 0.5], L, 5)  # positional settings are refused
+    cfg = Config()
+    d = cfg.data
+    d.context_len, d.batch_size, d.seed, d.varlen, d.epoch_shift = L, 3, 9, True, True
+    cfg.train.grad_accum = 2
+    got = PreparedLoader.from_config(cfg, list(stores), rank=1, world=2, weights=[0.7, 0.3])
+    want = PreparedLoader(
+        list(stores),
+        context_len=L,
+        batch_size=3,
+        seed=9,
+        rank=1,
+        world=2,
+        accum=2,
+        weights=[0.7, 0.3],
+        varlen=True,
+        epoch_shift=True,
+    )
+    assert got.fingerprint == want.fingerprint and got.global_batch == 12
+    for x, y in zip(_take(got, 4), _take(want, 4)):
+        assert x.keys() == y.keys()
+        assert all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
+    # the overrides inspect uses: no workers, and the epoch shift a saved plan records
+    plain = PreparedLoader.from_config(cfg, list(stores), rank=0, world=1, epoch_shift=False, num_workers=0)
+    assert not plain.epoch_shift and plain.num_workers == 0

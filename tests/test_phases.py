@@ -43,7 +43,14 @@ PHASES = [
 
 def _loader(stores, plan, rank=0, world=1, batch=B * W, accum=1, seed=3):
     return PreparedLoader(
-        [stores[n] for n in plan.names], None, L, seed, True, rank, world, batch, accum, plan=plan
+        [stores[n] for n in plan.names],
+        context_len=L,
+        seed=seed,
+        rank=rank,
+        world=world,
+        batch_size=batch,
+        accum=accum,
+        plan=plan,
     )
 
 
@@ -121,11 +128,11 @@ def test_resume_at_and_after_a_boundary_on_another_world_size(stores, stop):
     plan = _plan(stores, PHASES)
     G, first, count = B * W, stop - 2, 6
     full = _loader(stores, plan, batch=G)
-    full.micro = first
+    full.seek(first)
     want = _steps(full, first, count)
     # saved on 2 ranks at `stop`, resumed on 1 rank with accum 2 (or on 4 ranks)
     saver = _loader(stores, plan, rank=0, world=W, batch=B)
-    saver.micro = stop
+    saver.seek(stop)
     state = saver.state_dict()
     for world, accum in ((1, 2), (4, 1)):
         got_ids = []
@@ -187,14 +194,14 @@ def test_reweight_on_resume_is_a_new_phase(stores, tmp_path):
     assert np.array_equal(n[src == 1], used[1] + np.arange(int((src == 1).sum())))
     assert np.array_equal(n[src == 2], np.arange(int((src == 2).sum())))
     # shares reported for the step last read are the new phase's
-    resumed.micro = N + 5
+    resumed.seek(N + 5)
     assert resumed.weights == [0.0, 0.5, 0.5]
 
 
 def test_resume_refuses_what_rewrites_the_past(stores):
     plan = _plan(stores, [{"start_step": 0, "mix": {"web": 0.7, "code": 0.3}}])
     run = _loader(stores, plan)
-    run.micro = 10
+    run.seek(10)
     state = run.state_dict()
     other = _loader(stores, plan, seed=4)  # another data seed
     with pytest.raises(DataError, match="data.seed"):
@@ -202,7 +209,9 @@ def test_resume_refuses_what_rewrites_the_past(stores):
     swapped = DataPlan.from_specs(
         [{"start_step": 0, "mix": f"web={stores['books'].path}:0.7,code={stores['code'].path}:0.3"}]
     )
-    ld = PreparedLoader([stores["books"], stores["code"]], None, L, 3, True, 0, 1, B * W, 1, plan=swapped)
+    ld = PreparedLoader(
+        [stores["books"], stores["code"]], context_len=L, seed=3, batch_size=B * W, plan=swapped
+    )
     with pytest.raises(DataError, match="source web"):
         ld.load_state_dict(state)
 
@@ -310,6 +319,7 @@ def _records(run_dir, name="metrics.jsonl"):
     return [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_trainer_skip_reweight_and_inspect(stores, tmp_path):
     from flame.inspect import inspect_step
 

@@ -2,6 +2,7 @@
 
 import string
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ values = st.one_of(
 keys = st.one_of(st.sampled_from(KEYS), st.text(string.ascii_lowercase + "._-", min_size=1, max_size=20))
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(keys, values), max_size=6))
 def test_random_cli_configs(pairs):
@@ -46,6 +48,7 @@ def test_random_cli_configs(pairs):
         max_size=6,
     )
 )
+@pytest.mark.slow
 def test_random_toml_values(d):
     try:
         load_config(overrides=d)
@@ -86,6 +89,7 @@ def _numeric_keys():
     ]
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(_numeric_keys()), st.sampled_from(EDGES)), min_size=1, max_size=4))
 def test_numbers_at_the_edges(pairs):

@@ -48,6 +48,7 @@ def _wait_for_step(run_dir, step, proc, timeout=120):
     raise AssertionError("timed out waiting for the run")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_signal_checkpoints_and_exits_cleanly(tmp_path, corpus, sig):
     run = tmp_path / "run"
@@ -80,6 +81,7 @@ def _children(pid):
     return kids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["workers", "whole job"])
 def test_sigterm_under_torchrun_two_processes(tmp_path, corpus, target):
     run = tmp_path / "run"
@@ -109,6 +111,7 @@ def test_sigterm_under_torchrun_two_processes(tmp_path, corpus, target):
     assert "received SIGTERM" in out
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     cfg = load_config(
@@ -149,6 +152,7 @@ def test_bit_flip_is_caught_by_checksum(tmp_path, corpus, capsys):
     assert "fails its checksum" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_failed_save_is_clear_and_keeps_earlier(tmp_path, corpus, monkeypatch):
     run = tmp_path / "run"
     run_training(
@@ -208,6 +212,7 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, corpus, capsys):
     assert "3 consecutive steps" in out
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused(tmp_path, corpus):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.toml", tiny_overrides(run, corpus, **{"train.max_steps": 100000}))
@@ -235,6 +240,7 @@ def test_second_writer_is_refused(tmp_path, corpus):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_resume_refuses_order_changing_settings(tmp_path, corpus):
     run = tmp_path / "run"
     run_training(load_config(overrides=tiny_overrides(run, corpus, **{"train.max_steps": 2})))
@@ -281,6 +287,7 @@ def test_checkpoint_from_another_model_is_refused(tmp_path, corpus):
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_input_is_a_clear_error(tmp_path, setup, args, expect):
     d = tmp_path
     (d / "empty.txt").write_text("")

@@ -4,6 +4,7 @@ headline numbers equal the values computed by hand from metrics.jsonl and the ch
 import base64
 import io
 import json
+import math
 import random
 import re
 import shutil
@@ -75,6 +76,7 @@ def mixed_run(tmp_path_factory):
     return run_dir
 
 
+@pytest.mark.slow
 def test_headline_equals_the_records(mixed_run, tmp_path):
     from flame.report import load_run, summarize
 
@@ -124,6 +126,7 @@ def test_headline_equals_the_records(mixed_run, tmp_path):
     assert [c["state"]["tokens"] for c in run.checkpoints] == [5 * 128, 6 * 128, 10 * 128]
 
 
+@pytest.mark.slow
 def test_html_is_self_contained_and_shows_the_numbers(mixed_run, tmp_path, capsys):
     from flame.report import FIG_H, FIG_W, load_run, summarize
 
@@ -158,6 +161,7 @@ def test_html_is_self_contained_and_shows_the_numbers(mixed_run, tmp_path, capsy
     assert "data.mix" in page and "<details>" in page and "train.max_steps" in page
 
 
+@pytest.mark.slow
 def test_markdown_report_with_pngs_beside_it(mixed_run, tmp_path):
     out = tmp_path / "paper" / "report.md"
     assert main(["report", str(mixed_run), "-o", str(out), "--x", "tokens", "--smooth", "3"]) == 0
@@ -167,6 +171,7 @@ def test_markdown_report_with_pngs_beside_it(mixed_run, tmp_path):
     assert "| final train loss |" in md and "## Checkpoints" in md
 
 
+@pytest.mark.slow
 def test_report_compares_runs(mixed_run, tmp_path):
     other = tmp_path / "again" / "mixed"
     shutil.copytree(mixed_run, other)
@@ -255,6 +260,7 @@ def test_smooth_and_thin_keep_what_matters():
     assert len(tx) <= 1000 and ty.max() == 50.0 and ty.min() == ys.min() and np.all(np.diff(tx) > 0)
 
 
+@pytest.mark.slow
 def test_report_errors_are_clear(mixed_run, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 1
     assert "no such run directory" in capsys.readouterr().err
@@ -276,6 +282,7 @@ def test_report_errors_are_clear(mixed_run, tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_plot_one_legend_log_y_smooth_and_throughput_from_zero(mixed_run, tmp_path):
     import matplotlib.pyplot as plt
 
@@ -305,6 +312,7 @@ def _chromium():
     return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(_chromium() is None, reason="no Chromium here (Debian: apt-get install chromium)")
 def test_report_renders_in_a_browser(mixed_run, tmp_path):
     """Headless Chromium opens the page from disk: no console errors, every plot decoded at its size."""
@@ -365,3 +373,123 @@ def test_mixture_phases_from_the_records():
     assert first["achieved"] == (140 / 200, 60 / 200) and first["targets"] == (0.7, 0.3)
     assert second["tokens"] == (40, 160) and second["achieved"] == (40 / 200, 160 / 200)
     assert [x["share"] for x in mx["sources"]] == [180 / 400, 220 / 400]
+
+
+def test_decimate_keeps_a_one_step_spike_and_the_extremes():
+    """The figures draw thinned series; the one-step spike, the global minimum and maximum, and
+    the first and last points are in them exactly."""
+    import numpy as np
+
+    from flame.report import PLOT_BUCKETS, decimate
+
+    xs = np.arange(1, 100_001, dtype=np.float64)
+    ys = 2 + 8 * np.exp(-xs / 5000) + np.sin(xs / 37) * 0.05
+    ys[77_777] = 50.0  # one step's spike
+    ys[12_345] = -3.0  # and one step's dip
+    tx, ty = decimate(xs, ys)
+    assert len(tx) <= 2 * PLOT_BUCKETS + 2 < len(xs)
+    assert ty.max() == ys.max() == 50.0 and ty.min() == ys.min() == -3.0
+    assert tx[ty.argmax()] == xs[77_777] and tx[ty.argmin()] == xs[12_345]
+    assert (tx[0], ty[0], tx[-1], ty[-1]) == (xs[0], ys[0], xs[-1], ys[-1])
+    assert np.all(np.diff(tx) > 0)  # x order kept, no point twice
+    assert np.isin(tx, xs).all() and np.array_equal(ty, ys[(tx - 1).astype(int)])  # real points only
+    short = np.arange(10.0)
+    assert decimate(short, short)[0] is short  # short series are drawn whole
+
+
+def _long_run(run, steps):
+    """A metrics.jsonl the way the trainer writes one, long: a record per step with a two-source
+    mixture re-weighted half way, NaN losses, null MFU, evals, two restarts (time jumps) and a
+    line torn by a crash at the end."""
+    rng = random.Random(7)
+    run.mkdir(parents=True)
+    t0, off, mem, lines = 1.7e9, 0.0, 20.0, []
+    for s in range(1, steps + 1):
+        mem = max(mem, 20 + rng.random())  # a process's peak memory never drops
+        if s in (steps // 3, 2 * steps // 3):
+            off += 120.0
+        w = 0.7 if s <= steps // 2 else 0.4
+        loss = float("nan") if s % 997 == 0 else 2 + 8 * math.exp(-s / 3000) + rng.gauss(0, 0.05)
+        src = {
+            n: {"loss": loss + d, "tokens_total": int(s * 1000 * sh), "share": sh, "target_share": sh}
+            for n, sh, d in (("web", w, 0.1), ("code", round(1 - w, 10), -0.2))
+        }
+        lines.append(
+            {
+                "kind": "train",
+                "step": s,
+                "total_steps": steps,
+                "loss": loss,
+                "lr": 3e-4 * min(1, s / 500),
+                "grad_norm": 0.5 + rng.random(),
+                "tokens": s * 1000,
+                "tokens_per_s": 30000 + rng.gauss(0, 500),
+                "tokens_per_s_per_device": 30000.0,
+                "mfu": None if s % 3 else 0.4 + rng.random() * 0.01,
+                "memory_gib": mem,
+                "data_wait": abs(rng.gauss(0.01, 0.005)),
+                "elapsed_s": s * 0.5,
+                "bad_steps": s // 5000,
+                "sources": src,
+                "time": t0 + s * 0.5 + off,
+            }
+        )
+        if s % 500 == 0:
+            lines.append(
+                {"kind": "eval", "step": s, "loss": loss + rng.random(), "bpb": rng.random(), "time": t0 + s}
+            )
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"kind": "train", "step": 99999, "lo'
+    (run / "metrics.jsonl").write_text(text)
+    return lines
+
+
+@pytest.mark.slow
+def test_headline_of_a_long_run_equals_the_records(tmp_path, monkeypatch):
+    """A long run (read into columns by pyarrow) has the headline computed by hand from every
+    line of its metrics.jsonl, and the same one as json.loads line by line gives."""
+    import flame.report.read as read
+    from flame.report import bad_step_marks, load_run, summarize
+
+    steps = 20_000
+    recs = _long_run(tmp_path / "long", steps)
+    train = [r for r in recs if r["kind"] == "train"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    run = load_run(tmp_path / "long")
+    assert run.reader == "pyarrow"  # the fast reader read it, the torn last line left out
+    s = summarize(run)
+    last = train[-1]
+    assert (s["step"], s["tokens"], s["train_loss"]) == (steps, last["tokens"], last["loss"])
+    assert s["median_tokens_per_s"] == statistics.median(r["tokens_per_s"] for r in train)
+    assert s["median_mfu"] == statistics.median(r["mfu"] for r in train if r["mfu"] is not None)
+    assert s["median_data_wait"] == statistics.median(r["data_wait"] for r in train)
+    assert s["peak_memory_gib"] == max(r["memory_gib"] for r in train)
+    finite = [r for r in evals if not math.isnan(r["loss"])]
+    best = min(finite, key=lambda r: r["loss"])
+    assert (s["best_eval_loss"], s["best_eval_step"]) == (best["loss"], best["step"])
+    assert s["best_eval_bpb"] == min(r["bpb"] for r in evals)
+    assert (s["eval_loss"], s["eval_step"]) == (evals[-1]["loss"], steps)
+    assert s["wall_clock_s"] == last["time"] - (train[0]["time"] - train[0]["elapsed_s"])
+    assert s["restarts"] == 2
+    assert [(g.first_step, g.last_step) for g in run.segments] == [
+        (1, steps // 3 - 1),
+        (steps // 3, 2 * steps // 3 - 1),
+        (2 * steps // 3, steps),
+    ]
+    assert bad_step_marks(run) == [5000, 10_000, 15_000, 20_000]
+    mx = s["mixture"]
+    assert [x["share"] for x in mx["sources"]] == [last["sources"][n]["share"] for n in ("web", "code")]
+    assert [x["train_loss"] for x in mx["sources"]] == [last["sources"][n]["loss"] for n in ("web", "code")]
+    half = train[steps // 2 - 1]["sources"]
+    first, second = mx["phases"]
+    assert (first["first_step"], first["last_step"], second["first_step"]) == (1, steps // 2, steps // 2 + 1)
+    assert first["tokens"] == (half["web"]["tokens_total"], half["code"]["tokens_total"])
+    assert second["tokens"] == tuple(
+        last["sources"][n]["tokens_total"] - half[n]["tokens_total"] for n in ("web", "code")
+    )
+    # json.loads line by line (the reader for files pyarrow cannot read): the same numbers
+    monkeypatch.setattr(read, "_read_arrow", lambda path: None)
+    slow = load_run(tmp_path / "long")
+    assert slow.reader == "json"
+    s2 = summarize(slow)
+    assert json.dumps(s2, default=str) == json.dumps(s, default=str)
+    assert [vars(g) for g in slow.segments] == [vars(g) for g in run.segments]

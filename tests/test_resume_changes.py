@@ -16,6 +16,7 @@ def _lrs(run_dir):
     return {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}
 
 
+@pytest.mark.slow
 def test_changed_lr_and_schedule_length_take_effect(tmp_path, corpus):
     run = tmp_path / "r"
     first = tiny_overrides(run, corpus, **{"train.max_steps": 10, "optim.lr": 1e-3, "optim.warmup_steps": 2})
@@ -31,6 +32,7 @@ def test_changed_lr_and_schedule_length_take_effect(tmp_path, corpus):
         assert lrs[s] == pytest.approx(5e-3 * lr_factor(s - 1, 20, cfg.optim), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_changed_weight_decay_betas_eps_take_effect(tmp_path, corpus):
     run = tmp_path / "r"
     first = tiny_overrides(run, corpus, **{"train.max_steps": 3})

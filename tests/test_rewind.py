@@ -64,6 +64,7 @@ def test_every_checkpoint_damaged_is_an_error_not_a_restart(damaged_run, tmp_pat
     assert "no checkpoint" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_starting_over_is_explicit_and_keeps_the_damaged_checkpoints(damaged_run, capsys):
     run, over = damaged_run
     old = {p.name: _tree(p) for p in list_checkpoints(run / "checkpoints")}
@@ -76,6 +77,7 @@ def test_starting_over_is_explicit_and_keeps_the_damaged_checkpoints(damaged_run
     assert _names(run) == ["step-00000003", "step-00000006"]  # the new run's own, kept
 
 
+@pytest.mark.slow
 def test_rewind_continues_the_new_branch(tmp_path, corpus, capsys):
     run = tmp_path / "run"
     over = tiny_overrides(

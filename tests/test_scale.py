@@ -111,6 +111,7 @@ def fsdp_run(tmp_path_factory, corpus_m):
     return run
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one_process(tmp_path, reference, fsdp_run, corpus_m):
     a, b = _losses(reference), _losses(fsdp_run)
     _close(a, b, range(1, STEPS + 1))
@@ -123,6 +124,7 @@ def test_fsdp_two_processes_match_one_process(tmp_path, reference, fsdp_run, cor
     assert _samples(one) == _samples(fsdp_run)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_on_one_process(tmp_path, reference, fsdp_run, capsys):
     run = _resume_copy(fsdp_run, tmp_path / "run")
     corpus = Path(load_config(toml_path=str(fsdp_run / "config.toml")).data.inputs[0])
@@ -140,6 +142,7 @@ def test_fsdp_checkpoint_resumes_on_one_process(tmp_path, reference, fsdp_run, c
         assert got[s] == ref_samples[s], s
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_on_two_with_fsdp(tmp_path, reference, corpus_m):
     run = _resume_copy(reference, tmp_path / "run")
     r = _torchrun(2, tmp_path, run, corpus_m, **{"parallel.strategy": "fsdp"})  # grad_accum 1 given
@@ -150,6 +153,7 @@ def test_one_process_checkpoint_resumes_on_two_with_fsdp(tmp_path, reference, co
     assert sorted(got) == [4, 5, 6] and all(got[s] == ref_samples[s] for s in got)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_with_ddp(tmp_path, reference, fsdp_run, corpus_m):
     run = _resume_copy(fsdp_run, tmp_path / "run")
     r = _torchrun(2, tmp_path, run, corpus_m, **{"parallel.strategy": "ddp"})
@@ -207,6 +211,7 @@ def two_nodes_ddp(tmp_path_factory, corpus_m):
     return run
 
 
+@pytest.mark.slow
 def test_two_nodes_train_together_and_match_one_process(reference, two_nodes_ddp):
     _close(_losses(reference), _losses(two_nodes_ddp), range(1, STEPS + 1))
     assert _samples(reference) == _samples(two_nodes_ddp)
@@ -216,6 +221,7 @@ def test_two_nodes_train_together_and_match_one_process(reference, two_nodes_ddp
     ]
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_resumes_with_fsdp(tmp_path, reference, two_nodes_ddp, corpus_m):
     run = _resume_copy(two_nodes_ddp, tmp_path / "run")
     r = _torchrun(2, tmp_path, run, corpus_m)  # strategy auto: fsdp
@@ -224,6 +230,7 @@ def test_ddp_checkpoint_resumes_with_fsdp(tmp_path, reference, two_nodes_ddp, co
     assert _samples(run) == {s: v for s, v in _samples(reference).items() if s > 3}
 
 
+@pytest.mark.slow
 def test_resume_on_a_world_size_that_cannot_keep_the_global_batch(tmp_path, fsdp_run, corpus_m):
     run = _resume_copy(fsdp_run, tmp_path / "run")  # global batch 8, taken on 2 processes
     with pytest.raises(ConfigError) as e:
@@ -232,6 +239,7 @@ def test_resume_on_a_world_size_that_cannot_keep_the_global_batch(tmp_path, fsdp
     assert "global batch of 8 samples" in msg and "--data.batch_size 2" in msg
 
 
+@pytest.mark.slow
 def test_meta_init_trains(tmp_path, corpus_m):
     """parallel.init = meta: every rank builds on the meta device and initializes its own shards."""
     run = tmp_path / "run"
@@ -308,6 +316,7 @@ def test_export_round_trip(tmp_path, fsdp_run):
     assert main(["export", str(fsdp_run), "--out", str(bf)]) == 1  # exists: refuses without --force
 
 
+@pytest.mark.slow
 def test_init_from_export_reproduces_the_loss(tmp_path, reference, corpus_m):
     from transformers import AutoModelForCausalLM
 
@@ -375,6 +384,7 @@ def _weights(ckpt: Path) -> dict:
     return torch.load(out, weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_async_save_writes_the_same_checkpoints(tmp_path, corpus_m, capsys):
     from flame.checkpoint import list_checkpoints
 

@@ -113,6 +113,7 @@ def _crash_at(step):
     return cb
 
 
+@pytest.mark.slow
 def test_tensorboard_has_every_number_and_the_config_across_a_restart(tmp_path, mixture):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -184,6 +185,7 @@ def _items(items) -> dict:
     return {(it.key or "/".join(it.nested_key)): json.loads(it.value_json) for it in items}
 
 
+@pytest.mark.slow
 def test_wandb_history_has_every_number_and_the_config(tmp_path, mixture, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -194,7 +194,7 @@ def test_mostly_bad_corpus_stops(tmp_path):
     bad, _ = quiet(min_records=20)
     with pytest.raises(DataError, match=r"corpus is mostly bad: 20 of 20 .*missing field 'text'") as e:
         read_all([str(p)], bad=bad)
-    assert "--text-field" in e.value.hint
+    assert "--data.text_field" in e.value.hint
     # the same corpus read with the right field is fine
     assert len(read_all([str(p)], field="content")) == 100
 
@@ -342,3 +342,48 @@ def test_hub_dataset_failure_is_a_data_error(monkeypatch):
     with pytest.raises(DataError, match="cannot open the hub dataset") as e:
         list(read_unit(unit, "text", BadRecords()))
     assert "save_to_disk" in e.value.hint
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.txt"])
+def test_byte_order_mark_at_file_start_is_not_text(tmp_path, name):
+    # editors on Windows start UTF-8 files with EF BB BF; json.loads refuses it, so the first
+    # record was lost as "malformed JSON", and a text document began with U+FEFF
+    bom = b"\xef\xbb\xbf"
+    if name.endswith(".txt"):
+        raw, want = bom + "héllo\nworld".encode(), ["héllo\nworld"]
+    else:
+        raw = bom + b'{"text": "first"}\n{"text": "\xef\xbb\xbfsecond"}\n'
+        want = ["first", "\ufeffsecond"]  # inside a string, U+FEFF is the record's own text
+    if name.endswith(".gz"):
+        raw = gzip.compress(raw)
+    elif name.endswith(".zst"):
+        raw = zstandard.ZstdCompressor().compress(raw)
+    (tmp_path / name).write_bytes(raw)
+    bad, msgs = quiet()
+    docs = read_all([str(tmp_path / name)], bad=bad)
+    assert [d.text for d in docs] == want and bad.bad_count == 0 and msgs == []
+    if len(docs) > 1:  # resuming at the second record still works
+        (unit,) = plan_units([str(tmp_path / name)])
+        again = list(read_unit(unit, "text", BadRecords(), start_offset=docs[1].position))
+        assert [d.text for d in again] == want[1:]
+    # a BOM that starts a later line is not at the file start: that line is a bad record, counted
+    (tmp_path / "mid.jsonl").write_bytes(b'{"text": "a"}\n' + bom + b'{"text": "b"}\n')
+    bad, _ = quiet()
+    assert [d.text for d in read_all([str(tmp_path / "mid.jsonl")], bad=bad)] == ["a"]
+    assert bad.reasons == {"malformed JSON": 1}
+
+
+def test_parquet_dictionary_encoded_text_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["alpha", "beta", "alpha", None, "gamma", ""]
+    col = pa.array(texts).dictionary_encode()  # a categorical column, e.g. from pandas
+    pq.write_table(pa.table({"text": col, "n": list(range(6))}), tmp_path / "d.parquet", row_group_size=4)
+    assert pa.types.is_dictionary(pq.ParquetFile(tmp_path / "d.parquet").schema_arrow.field("text").type)
+    bad, _ = quiet()
+    docs = read_all([str(tmp_path / "d.parquet")], target=1, bad=bad)
+    assert [(d.text, d.record) for d in docs] == [("alpha", 0), ("beta", 1), ("alpha", 2), ("gamma", 4)]
+    assert bad.reasons == {"field 'text' is null": 1} and bad.empty_count == 1
+    with pytest.raises(DataError, match="column 'n' holds int64, not text"):
+        read_all([str(tmp_path / "d.parquet")], field="n")

@@ -109,6 +109,7 @@ def test_epoch_zero_read_exactly_once(tmp_path, world):
     assert shuffled
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_resume_is_exact(tmp_path, workers, varlen):
@@ -209,6 +210,27 @@ def test_refuses_another_layout_unless_allowed(tmp_path):
     assert len(_take(b, 3)) == 3
 
 
+def test_layout_refusal_names_the_checkpoint_layout(tmp_path):
+    from flame.data.stream import check_resume_layout
+    from flame.errors import ConfigError
+
+    _write_corpus(tmp_path / "c", [5, 5, 5, 5])
+    a = _loader(tmp_path / "c", **{"data.num_workers": 3})
+    _take(a, 4)
+    state = a.state_dict()
+    with pytest.raises(DataError) as e:
+        _loader(tmp_path / "c").load_state_dict(state)
+    assert "resume in one process (no torchrun) with --data.num_workers 3" in e.value.hint
+    check_resume_layout(state, 1, 3)  # the same layout: nothing to say
+    with pytest.raises(ConfigError, match="with --data.num_workers 3, as the checkpoint was taken") as e:
+        check_resume_layout(state, 2, 3)
+    assert e.value.exit_code == 2
+    two = {**state, "world_size": 2, "workers": 1}
+    with pytest.raises(ConfigError, match=r"on 2 processes \(torchrun --nproc_per_node 2\) with --data"):
+        check_resume_layout(two, 1, 0)
+    check_resume_layout({"kind": "prepared", "world_size": 2}, 1, 0)  # not a stream position
+
+
 def test_empty_corpus_is_a_clear_error(tmp_path):
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "a.jsonl").write_text("")
@@ -242,6 +264,7 @@ def test_units_split_big_jsonl_not_text(tmp_path):
     assert len([u for u in units if u.path == str(txt)]) == 1
 
 
+@pytest.mark.slow
 def test_trainer_streams_and_resumes_exactly(tmp_path, corpus):
     from test_trainer import _losses, _stop_at
 
@@ -280,6 +303,7 @@ def _two_rank_worker(rank, init, root, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_gather_state(tmp_path):
     import torch.multiprocessing as mp
 
@@ -289,3 +313,55 @@ def test_two_ranks_gather_state(tmp_path):
     for r in range(2):
         res = torch.load(tmp_path / f"rank{r}.pt")
         assert res["streams"] == ["0", "1"] and res["ok"]
+
+
+@pytest.mark.slow
+def test_resume_on_another_world_size_names_the_resume_that_works(tmp_path, corpus):
+    """A checkpoint of 1 process resumed on 2 with data.batch_size 4: the global batch of 4 does not
+    split into 2 x 4, so flame used to suggest --data.batch_size 2, and then refused that too (the
+    streams cannot be re-split). Now the first answer is the stream layout's, and each way out it
+    names works: the checkpoint's layout continues exactly; allow_config_change (then the batch
+    size that keeps the global batch) runs on."""
+    import shutil
+
+    from conftest import run_torchrun, write_config
+    from test_trainer import _losses, _stop_at
+
+    from flame.trainer import run_training
+
+    n = 4
+    extra = {"data.streaming": True, "data.window": 8, "train.max_steps": 2 * n}
+    run_training(load_config(overrides=tiny_overrides(tmp_path / "full", corpus, **extra)))
+    part = tmp_path / "part"
+    over = tiny_overrides(part, corpus, **extra)
+    assert run_training(load_config(overrides=over), callbacks=[_stop_at(n)])["step"] == n
+    shutil.copytree(part, tmp_path / "alt")
+    toml = write_config(tmp_path / "part.toml", over)
+    before = sorted(p.name for p in part.rglob("*"))
+
+    r = run_torchrun(2, ["train", "--config", str(toml)])
+    assert r.returncode != 0
+    assert "streams cannot be re-split" in r.stderr
+    assert "src/flame" not in r.stderr  # flame's message, no traceback of ours (torchrun adds its own)
+    assert "resume in one process (no torchrun) with --data.num_workers 0 (or 1)" in r.stderr
+    assert "--data.batch_size" not in r.stderr  # no advice that the next start would refuse
+    assert "exitcode: 2" in r.stderr or "exit code: 2" in r.stderr  # a config error on each rank
+    assert sorted(p.name for p in part.rglob("*")) == before  # the refused start changed nothing
+
+    # the hint, literally: one process, no loader workers -> the run continues exactly
+    assert run_training(load_config(overrides=over))["step"] == 2 * n
+    a, _ = _losses(tmp_path / "full")
+    b, _ = _losses(part)
+    assert list(b) == list(range(1, 2 * n + 1))
+    for s in range(1, 2 * n + 1):
+        assert a[s] == b[s], f"step {s}: {a[s]} != {b[s]}"
+
+    # the other way out: keep the 2 processes with allow_config_change, and the batch size that
+    # keeps the global batch of 4 (2 x 2; flame asks for it when the given one does not fit): the
+    # run goes on, its streams restarted at an epoch start
+    alt = ["--train.run_dir", str(tmp_path / "alt"), "--checkpoint.allow_config_change", "true"]
+    r = run_torchrun(2, ["train", "--config", str(toml), *alt, "--data.batch_size", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the data streams restart at epoch" in r.stdout + r.stderr
+    c, _ = _losses(tmp_path / "alt")
+    assert list(c) == list(range(1, 2 * n + 1)) and all(c[s] == a[s] for s in range(1, n + 1))

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from conftest import final_weights, tiny_overrides
 
@@ -21,6 +22,7 @@ def _stop_at(step):
     return cb
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, corpus):
     n = 5
     full = tmp_path / "full"
@@ -48,6 +50,7 @@ def test_resume_is_exact(tmp_path, corpus):
         assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.slow
 def test_finished_run_resumes_to_nothing(tmp_path, corpus):
     cfg = load_config(overrides=tiny_overrides(tmp_path / "r", corpus, **{"train.max_steps": 3}))
     assert run_training(cfg)["step"] == 3
@@ -57,6 +60,7 @@ def test_finished_run_resumes_to_nothing(tmp_path, corpus):
     assert list(steps) == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_keep_last_k(tmp_path, corpus):
     cfg = load_config(
         overrides=tiny_overrides(
@@ -70,6 +74,7 @@ def test_loss_decreases_and_keep_last_k(tmp_path, corpus):
     assert kept == ["step-00000025", "step-00000030"]
 
 
+@pytest.mark.slow
 def test_every_start_is_recorded(tmp_path, corpus):
     cfg = load_config(overrides=tiny_overrides(tmp_path / "r", corpus, **{"train.max_steps": 6}))
     run_training(cfg, callbacks=[_stop_at(3)])
@@ -80,3 +85,53 @@ def test_every_start_is_recorded(tmp_path, corpus):
     assert starts[1]["tokens"] == 3 * 4 * 64 and starts[1]["world_size"] == 1
     assert starts[1]["attention"] == "sdpa" and starts[1]["flops_source"] == "measured"
     assert starts[0]["parameters"] > 0 and starts[0]["versions"]["torch"]
+
+
+@pytest.mark.slow
+def test_state_dict_round_trip_continues_like_the_uninterrupted_run(tmp_path, corpus):
+    """Trainer.state_dict() is what trainer.json holds; loaded into a fresh trainer (weights and
+    optimizer copied over), training continues exactly as the uninterrupted run, the log window
+    that spans the stop included."""
+    import copy
+
+    from flame.checkpoint import read_trainer_state
+    from flame.trainer import Trainer
+
+    over = {"train.max_steps": 8, "log.interval": 3}  # the stop at step 5 falls inside a log window
+    full = tmp_path / "full"
+    run_training(load_config(overrides=tiny_overrides(full, corpus, **over)))
+
+    a = Trainer(load_config(overrides=tiny_overrides(tmp_path / "a", corpus, **over)), [_stop_at(5)])
+    try:
+        a.setup()
+        assert a.train()["stopped"] == "preempted"
+        state = a.state_dict()
+        weights, optim = copy.deepcopy(a.model.state_dict()), copy.deepcopy(a.optimizer.state_dict())
+    finally:
+        a.close()
+    saved = read_trainer_state(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])
+    for k in state:
+        if k != "elapsed_s":  # the clock moved on since the save
+            assert saved[k] == state[k], k
+    state = json.loads(json.dumps(state))  # plain JSON, as trainer.json
+
+    fresh = tmp_path / "b"
+    b = Trainer(load_config(overrides=tiny_overrides(fresh, corpus, **over)))
+    try:
+        b.setup()
+        b.model.load_state_dict(weights)
+        b.optimizer.load_state_dict(optim)
+        b.load_state_dict(state)
+        assert b.step == 5
+        assert b.train()["stopped"] == "done"
+    finally:
+        b.close()
+    ref = {r["step"]: r for r in _losses(full)[1]}
+    got = _losses(fresh)[1]
+    assert [r["step"] for r in got] == [6, 8]
+    for r in got:
+        for key in ("loss", "tokens", "target_tokens", "lr", "grad_norm", "bad_steps"):
+            assert r[key] == ref[r["step"]][key], (r["step"], key)
+    wa, wb = final_weights(full), final_weights(fresh)
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

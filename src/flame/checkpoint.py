@@ -10,7 +10,6 @@ a damaged one is reported and skipped.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -22,16 +21,63 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from flame.errors import CheckpointError
+from flame.files import file_checksum
+
+# torch.distributed.checkpoint costs ~0.6 s of import (DTensor, sympy) that every run would pay
+# before its first step; it loads at the first save or load instead. `dcp` stays this proxy (a
+# test may patch its attributes); CheckpointException is a stand-in until DCP loads, and every path
+# that can raise DCP's exception calls into DCP first, which puts the real class in its place.
+
+
+class CheckpointException(BaseException):  # replaced by DCP's own on first use; never raised
+    pass
+
+
+def _dcp():
+    global CheckpointException
+    import torch.distributed.checkpoint as real
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return real
+
+
+class _LazyDCP:
+    def __getattr__(self, name: str):
+        return getattr(_dcp(), name)
+
+
+dcp = _LazyDCP()
+
+
+def get_state_dict(*args, **kwargs):
+    _dcp()
+    from torch.distributed.checkpoint.state_dict import get_state_dict as real
+
+    return real(*args, **kwargs)
+
+
+def set_state_dict(*args, **kwargs):
+    _dcp()
+    from torch.distributed.checkpoint.state_dict import set_state_dict as real
+
+    return real(*args, **kwargs)
+
+
+def get_model_state_dict(*args, **kwargs):
+    _dcp()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict as real
+
+    return real(*args, **kwargs)
+
+
+def StateDictOptions(**kwargs):  # noqa: N802 -- DCP's class, built lazily
+    _dcp()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions as real
+
+    return real(**kwargs)
+
 
 # DCP works without a process group; its note saying so is noise for single-process runs.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -77,21 +123,14 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (path / MARKER).is_file() and ((path / STATE_FILE).is_file() or (path / "trainer.pt").is_file())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(8 << 20):
-            h.update(b)
-    return h.hexdigest()
-
-
 def step_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f"step-{step:08d}"
 
 
-def _step_of(path: Path) -> int | None:
+def step_of(path: Path) -> int | None:
+    """The step of a `step-N` directory; None for any other name."""
     try:
-        return int(path.name.split("-", 1)[1])
+        return int(Path(path).name.split("-", 1)[1])
     except (IndexError, ValueError):
         return None
 
@@ -103,9 +142,72 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     found = [
         p
         for p in ckpt_root.glob("step-*")
-        if p.is_dir() and (p / MARKER).is_file() and ".tmp" not in p.name and _step_of(p) is not None
+        if p.is_dir() and (p / MARKER).is_file() and ".tmp" not in p.name and step_of(p) is not None
     ]
-    return sorted(found, key=_step_of)
+    return sorted(found, key=step_of)
+
+
+def find_checkpoint(
+    run_dir: str | Path, step: int | None = None, *, checksums: bool = False, log=None
+) -> Path:
+    """The checkpoint a command reads: RUN_DIR's newest intact one (or its step N), or RUN_DIR itself
+    when it is a checkpoint directory. A damaged newest one is reported through `log` and skipped;
+    a damaged step N, or none usable, is an error naming each and why."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no such run directory '{run_dir}'")
+    if is_checkpoint_dir(run_dir):
+        if step is not None:
+            raise CheckpointError(f"{run_dir} is a checkpoint directory; --step applies to a run directory")
+        chosen = [run_dir]
+    else:
+        root = run_dir / "checkpoints"
+        done = list_checkpoints(root)
+        if not done:
+            raise CheckpointError(
+                f"{run_dir} has no complete checkpoint (looked in {root})",
+                hint="train first (a run saves at the end and every --checkpoint.interval steps), "
+                "or give the run directory of a run that saved one",
+            )
+        if step is None:
+            chosen = done[::-1]
+        else:
+            chosen = [p for p in done if step_of(p) == step]
+            if not chosen:
+                have = ", ".join(str(step_of(p)) for p in done)
+                raise CheckpointError(
+                    f"{run_dir} has no complete checkpoint of step {step} (it has steps {have})"
+                )
+    path, rejected = _first_intact(chosen, checksums, log if len(chosen) > 1 else None)
+    if path is not None:
+        return path
+    if len(chosen) == 1:
+        raise CheckpointError(f"checkpoint {chosen[0]} cannot be used: {rejected[0].split(': ', 1)[1]}")
+    raise CheckpointError(
+        f"no checkpoint in {run_dir / 'checkpoints'} is usable:\n    " + "\n    ".join(rejected),
+        hint="restore the files, or give a copy of the run that has an intact checkpoint",
+    )
+
+
+def _first_intact(candidates, checksums: bool, log) -> tuple[Path | None, list[str]]:
+    """The first candidate that verifies, and 'name: problem' for each one before it that did not."""
+    rejected = []
+    for path in candidates:
+        problem = verify(path, checksums)
+        if problem is None:
+            return path, rejected
+        rejected.append(f"{path.name}: {problem}")
+        if log is not None:
+            log(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one")
+    return None, rejected
+
+
+def checkpoint_covering(run_dir: str | Path, step: int) -> Path | None:
+    """The earliest kept checkpoint at or after `step` (the settings of the process that trained that
+    step, unless it died first), else the latest; None when the run has none."""
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    later = [c for c in found if step_of(c) >= step]
+    return later[0] if later else (found[-1] if found else None)
 
 
 def verify(path: Path, checksums: bool = True) -> str | None:
@@ -129,7 +231,7 @@ def verify(path: Path, checksums: bool = True) -> str | None:
             return f"{name} is missing"
         if f.stat().st_size != meta["size"]:
             return f"{name} has {f.stat().st_size} bytes, expected {meta['size']}"
-        if checksums and meta.get("sha256") and _sha256(f) != meta["sha256"]:
+        if checksums and meta.get("sha256") and file_checksum(f) != meta["sha256"]:
             return f"{name} fails its checksum"
     return None
 
@@ -318,7 +420,7 @@ class Checkpointer:
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             meta = {"size": f.stat().st_size}
             if self.checksums:
-                meta["sha256"] = _sha256(f)
+                meta["sha256"] = file_checksum(f)
             files[str(f.relative_to(path))] = meta
         tmp = path / (MARKER + ".tmp")
         with open(tmp, "w") as fh:
@@ -353,14 +455,10 @@ class Checkpointer:
         rank, _ = _dist()
         choice, rejected = None, []
         if rank == 0:
-            for path in reversed(list_checkpoints(self.root)):
-                problem = verify(path, self.checksums)
-                if problem is None:
-                    choice = str(path)
-                    self._verified.add(path)
-                    break
-                rejected.append(f"{path.name}: {problem}")
-                self.log(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one")
+            path, rejected = _first_intact(reversed(list_checkpoints(self.root)), self.checksums, self.log)
+            if path is not None:
+                choice = str(path)
+                self._verified.add(path)
             incomplete = [p for p in self.root.glob("step-*.tmp*")] if self.root.is_dir() else []
             if incomplete and choice is None and not list_checkpoints(self.root):
                 self.log(f"warning: ignoring {len(incomplete)} incomplete checkpoint(s) in {self.root}")
@@ -387,7 +485,7 @@ class Checkpointer:
             later = [
                 p
                 for p in self.root.glob("step-*")
-                if p.is_dir() and ".tmp" not in p.name and _step_of(p) is not None and _step_of(p) > step
+                if p.is_dir() and ".tmp" not in p.name and step_of(p) is not None and step_of(p) > step
             ]
             if later:
                 dest = self.root / time.strftime("abandoned-%Y%m%d-%H%M%S")

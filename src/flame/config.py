@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flame.errors import ConfigError
 
@@ -60,6 +61,8 @@ ATTN_IMPLEMENTATIONS = (
 
 @dataclass
 class ModelConfig:
+    """What is trained: the architecture, its vocabulary and kernels."""
+
     name: str = _f(
         "tiny",
         "preset name (tiny, llama-125m), a path to a transformers config.json, pkg.module:function "
@@ -84,11 +87,17 @@ class ModelConfig:
     )
     init_from: str = _f("", "Hugging Face model directory to load weights from (continued pretraining)")
     flops_per_token: float = _f(0.0, "training FLOPs per token for MFU; 0 = from the model or 6N + attention")
-    overrides: dict = _f({}, "extra fields set on the transformers config, e.g. {hidden_size = 512}")
+    overrides: dict = _f(
+        {},
+        "extra fields set on the transformers config: in a TOML file overrides = {hidden_size = 512}, on "
+        "the command line JSON '{\"hidden_size\": 512}' (the TOML form '{hidden_size = 512}' works too)",
+    )
 
 
 @dataclass
 class DataConfig:
+    """What it is trained on: inputs or stores, tokenizer, sequence length, order."""
+
     inputs: list[str] = _f(
         [], "files, folders or globs of .txt/.jsonl(.gz/.zst)/.parquet, or hf:NAME / a saved HF dataset"
     )
@@ -97,7 +106,7 @@ class DataConfig:
     phases: list[dict] = _f(
         [],
         "mixture phases: [[data.phases]] tables of start_step (or start_tokens), mix and optional "
-        "ramp_steps; on the command line a JSON list",
+        "ramp_steps; on the command line a JSON list of objects (or a TOML inline array of tables)",
     )
     skip: str = _f("", "steps whose data is consumed without training, e.g. '1200-1250,3000'")
     epoch_shift: bool = _f(
@@ -115,21 +124,31 @@ class DataConfig:
     )
     window: int = _f(256, "streaming: samples packed and shuffled together in one window")
     num_workers: int = _f(0, "loader worker processes per rank (0 = read in the training process)")
-    bad_records: str = _f("skip", "skip (count, warn and summarise) or error on malformed records")
+    bad_records: Literal["skip", "error"] = _f(
+        "skip", "skip (count, warn and summarise) or error on malformed records"
+    )
     max_bad_fraction: float = _f(0.5, "stop when more than this fraction of records is bad")
-    cache_dir: str = _f("", "where raw inputs are prepared into a store; '' = <run_dir>/data")
+    cache_dir: str = _f(
+        "",
+        "where raw inputs are prepared into stores keyed by their content, shared by runs; '' = "
+        "$FLAME_CACHE, else $XDG_CACHE_HOME/flame, else ~/.cache/flame",
+    )
 
 
 @dataclass
 class TrainConfig:
+    """The run: its directory, length, precision and guards."""
+
     run_dir: str = _f("runs/default", "directory for config, metrics, checkpoints")
     max_steps: int = _f(300, "optimizer steps to train (0 = use max_tokens)")
     max_tokens: int = _f(0, "stop after this many tokens (when max_steps is 0)")
     grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 = off)")
     seed: int = _f(0, "seed of model init and dropout")
-    device: str = _f("auto", "auto, cpu, cuda")
-    dtype: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16")
+    device: Literal["auto", "cpu", "cuda"] = _f(
+        "auto", "where to train: auto = cuda when available, else cpu"
+    )
+    dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = _f(False, "torch.compile the model")
     activation_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
     max_bad_steps: int = _f(
@@ -144,6 +163,8 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW and the learning-rate schedule."""
+
     lr: float = _f(3e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
     weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms and biases)")
@@ -151,13 +172,17 @@ class OptimConfig:
     beta2: float = _f(0.95, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     warmup_steps: int = _f(30, "linear warmup steps")
-    schedule: str = _f("cosine", "cosine, linear, constant or wsd (warmup-stable-decay)")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = _f(
+        "cosine", "learning-rate schedule after warmup (wsd: warmup-stable-decay)"
+    )
     decay_fraction: float = _f(0.2, "wsd: fraction of steps spent in the final decay")
-    fused: str = _f("auto", "fused AdamW: auto (on CUDA), true, false")
+    fused: Literal["auto", "true", "false"] = _f("auto", "fused AdamW (auto = on CUDA)")
 
 
 @dataclass
 class CheckpointConfig:
+    """Saving and resuming."""
+
     interval: int = _f(100, "save every this many steps (0 = only at the end and on preemption)")
     keep: int = _f(2, "keep the latest this many checkpoints")
     load: str = _f("", "resume from this checkpoint directory instead of the run's latest")
@@ -172,10 +197,14 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    """Console, metrics.jsonl and optional sinks."""
+
     interval: int = _f(10, "log every this many steps")
-    console: str = _f("auto", "auto (progress bar on a terminal), plain, or off")
+    console: Literal["auto", "plain", "off", "rich"] = _f(
+        "auto", "console progress: auto = a progress bar on a terminal, plain lines elsewhere"
+    )
     tensorboard: bool = _f(False, "write TensorBoard event files to <run_dir>/tb")
-    wandb: str = _f("off", "Weights & Biases: off, online or offline")
+    wandb: Literal["off", "online", "offline"] = _f("off", "Weights & Biases logging")
     wandb_project: str = _f("flame", "Weights & Biases project")
     peak_flops: float = _f(0.0, "peak FLOP/s of one device for MFU; 0 = known GPUs only")
     batches: bool = _f(False, "record each micro-batch's sample ids and token hash in <run_dir>/batches/")
@@ -183,6 +212,8 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
+    """Held-out evaluation."""
+
     interval: int = _f(0, "evaluate every this many steps and at the end (0 = off)")
     batches: int = _f(
         8,
@@ -191,15 +222,21 @@ class EvalConfig:
     )
     batch_size: int = _f(0, "windows per forward pass on each rank (0 = data.batch_size)")
     at_start: bool = _f(False, "also evaluate before the first step (step 0)")
-    inputs: list[str] = _f([], "held-out raw inputs (default: data.store's / data.mix's <store>/val)")
-    store: str = _f("", "held-out tokenized store (default: data.store's / data.mix's <store>/val)")
+    inputs: list[str] = _f([], "held-out raw inputs ([] = data.store's / data.mix's <store>/val)")
+    store: str = _f("", "held-out tokenized store ('' = data.store's / data.mix's <store>/val)")
 
 
 @dataclass
 class ParallelConfig:
-    strategy: str = _f("auto", "auto (none on one process, fsdp otherwise), none, ddp, fsdp")
-    backend: str = _f("auto", "auto (nccl on CUDA, gloo on CPU), nccl, gloo")
-    init: str = _f(
+    """Processes and how the model is spread over them."""
+
+    strategy: Literal["auto", "none", "ddp", "fsdp"] = _f(
+        "auto", "data parallelism: auto = none on one process, fsdp otherwise"
+    )
+    backend: Literal["auto", "nccl", "gloo"] = _f(
+        "auto", "process-group backend: auto = nccl on CUDA, gloo on CPU"
+    )
+    init: Literal["auto", "rank0", "meta"] = _f(
         "auto",
         "fsdp weights: auto/rank0 (rank 0 builds on CPU and broadcasts: the same weights as one process), "
         "meta (each rank inits its shards: for models larger than host memory)",
@@ -224,20 +261,6 @@ class Config:
         return to_toml(self.to_dict())
 
 
-CHOICES = {
-    "data.bad_records": ("skip", "error"),
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.dtype": ("auto", "fp32", "bf16"),
-    "optim.schedule": ("cosine", "linear", "constant", "wsd"),
-    "optim.fused": ("auto", "true", "false"),
-    "log.console": ("auto", "plain", "off", "rich"),
-    "log.wandb": ("off", "online", "offline"),
-    "parallel.strategy": ("auto", "none", "ddp", "fsdp"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "parallel.init": ("auto", "rank0", "meta"),
-}
-
-
 _SECTION_TYPES = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -250,9 +273,26 @@ _SECTION_TYPES = {
 }
 
 
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def choices_of(typ: Any) -> tuple[str, ...] | None:
+    """The allowed values of a `Literal[...]` field type; None for any other type."""
+    return typing.get_args(typ) if typing.get_origin(typ) is Literal else None
+
+
+@functools.cache
+def choice_fields() -> dict[str, tuple[str, ...]]:
+    """{section.key: allowed values} of every field annotated `Literal[...]` (the one table of choices)."""
+    return {
+        f"{s}.{k}": c
+        for s, cls in _SECTION_TYPES.items()
+        for k, t in _field_types(cls).items()
+        if (c := choices_of(t)) is not None
+    }
 
 
 def all_keys() -> list[str]:
@@ -273,6 +313,8 @@ def _suggest(key: str) -> str:
 def _convert(key: str, typ: Any, value: Any, from_cli: bool) -> Any:
     """Convert a TOML or CLI value to the field's type, or raise ValueError with a readable reason."""
     origin = typing.get_origin(typ)
+    if origin is Literal:  # a string; whether it is one of the choices is validate()'s (with a did-you-mean)
+        return _convert(key, str, value, from_cli)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -319,12 +361,11 @@ def _convert(key: str, typ: Any, value: Any, from_cli: bool) -> Any:
         raise ValueError(f"expected a string, got {value!r}")
     if origin is list and typing.get_args(typ) and typing.get_args(typ)[0] is dict:
         if from_cli and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
+            text, value = value, _parse_inline(value)
+            if value is None:
                 raise ValueError(
-                    f'expected a JSON list of tables like \'[{{"start_step": 0, "mix": "a:1"}}]\', got {value!r}'
-                ) from None
+                    f'expected a JSON list of tables like \'[{{"start_step": 0, "mix": "a:1"}}]\', got {text!r}'
+                )
         if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
             raise ValueError(f"expected a list of tables, got {value!r}")
         return [dict(v) for v in value]
@@ -336,16 +377,29 @@ def _convert(key: str, typ: Any, value: Any, from_cli: bool) -> Any:
         return list(value)
     if typ is dict or origin is dict:
         if from_cli and isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
+            text, value = value, _parse_inline(value)
+            if value is None:
                 raise ValueError(
-                    f"expected a JSON object like '{{\"hidden_size\": 512}}', got {value!r}"
-                ) from None
+                    f"expected a JSON object like '{{\"hidden_size\": 512}}' (or a TOML inline table like "
+                    f"'{{hidden_size = 512}}'), got {text!r}"
+                )
         if not isinstance(value, dict):
             raise ValueError(f"expected a table, got {value!r}")
         return value
     raise ValueError(f"unsupported type {typ}")  # our own bug, not the user's
+
+
+def _parse_inline(text: str) -> Any:
+    """A command-line value for a table or a list of tables: JSON, or the TOML inline form a config
+    file uses (`{hidden_size = 512}`), so either spelling works; None when it is neither."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except (tomllib.TOMLDecodeError, KeyError):
+        return None
 
 
 def _apply(cfg: Config, items: dict[str, Any], origin: str, from_cli: bool, problems: list[str]) -> None:
@@ -495,7 +549,7 @@ def validate(cfg: Config) -> list[str]:
     p: list[str] = []
     d, t, o, c, lg = cfg.data, cfg.train, cfg.optim, cfg.checkpoint, cfg.log
     p.extend(_numbers_in_range(cfg))
-    for key, choices in CHOICES.items():
+    for key, choices in choice_fields().items():
         s, n = key.split(".")
         v = getattr(getattr(cfg, s), n)
         if v not in choices:
@@ -601,7 +655,8 @@ def validate(cfg: Config) -> list[str]:
 
         try:
             stores = [path for path, _ in parse_mix(d.mix)] if d.mix else [d.store] if d.store else []
-        except ValueError:  # reported above
+            stores += [path for ph in d.phases for path, _ in parse_mix(ph["mix"])]
+        except (ValueError, KeyError, TypeError, AttributeError):  # reported above
             stores = []
         if not any(Path(s, "val").is_dir() for s in stores):
             key = "eval.interval" if cfg.eval.interval else "eval.at_start"
@@ -764,21 +819,24 @@ def _input_exists(spec: str) -> bool:
     return Path(spec).exists() or bool(glob.glob(spec, recursive=True))
 
 
+def toml_value(v: Any) -> str:
+    """One value in TOML syntax (scalars, lists, inline tables)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(type(v))
+
+
 def to_toml(d: dict) -> str:
     """Write a nested dict of simple values as TOML (sections of scalars, lists and inline tables)."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(k)} = {val(x)}" for k, x in v.items()) + "}"
-        raise TypeError(type(v))
+    val = toml_value
 
     lines = []
     for section, body in d.items():
@@ -788,18 +846,122 @@ def to_toml(d: dict) -> str:
     return "\n".join(lines)
 
 
-def help_text() -> str:
-    """Every option with its default and one-line help, grouped by section."""
+_META = {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR", dict: "JSON"}
+
+
+def _meta(typ: Any) -> str:
+    """How an option's value is written on the command line, for --help."""
+    choices = choices_of(typ)
+    if choices is not None:
+        return "{" + ",".join(choices) + "}"
+    if typing.get_origin(typ) is list:
+        return "JSON" if typing.get_args(typ)[0] is dict else "LIST"
+    return _META.get(typing.get_origin(typ) or typ, "VALUE")
+
+
+HELP_LEGEND = (
+    "Values: BOOL is true or false (a bare --flag means true); LIST is several values or one "
+    "comma-separated; JSON is a JSON value (a TOML inline table like {hidden_size = 512} works too); "
+    "{a,b} lists the choices."
+)
+
+
+def help_text(width: int = 100) -> str:
+    """Every option with its type (and choices), default and one-line help, grouped by section and
+    wrapped to `width` columns."""
+    import textwrap
+
+    width = max(width, 20)
+    col = 34 if width >= 80 else 6  # narrow terminals: the help goes under the option
     out = []
     for section, cls in _SECTION_TYPES.items():
-        out.append(f"[{section}]")
+        out.append(textwrap.fill(f"[{section}] {(cls.__doc__ or '').strip()}", width, subsequent_indent="  "))
         inst = cls()
-        for f in dataclasses.fields(cls):
-            default = getattr(inst, f.name)
-            shown = json.dumps(default) if not isinstance(default, bool) else str(default).lower()
-            out.append(f"  --{section}.{f.name:<24} {f.metadata['help']} (default: {shown})")
+        for name, typ in _field_types(cls).items():
+            default = getattr(inst, name)
+            shown = toml_value(default)
+            help = f"{cls.__dataclass_fields__[name].metadata['help']} (default: {shown})"
+            left = f"  --{section}.{name} {_meta(typ)}"
+            if len(left) + 2 <= col:
+                first = left.ljust(col)
+            else:  # the option on a line of its own, the help under it
+                out.extend(textwrap.wrap(left, width, subsequent_indent=" " * 6, break_on_hyphens=False))
+                first = " " * col
+            out.extend(
+                textwrap.wrap(
+                    help, width, initial_indent=first, subsequent_indent=" " * col, break_on_hyphens=False
+                )
+            )
         out.append("")
     return "\n".join(out)
 
 
-__all__ = ["Config", "load_config", "config_from_dict", "validate", "help_text", "to_toml"]
+def changed_from_defaults(cfg: Config) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} of the values that differ from the embedded defaults."""
+    default = Config().to_dict()
+    return {
+        section: changed
+        for section, body in cfg.to_dict().items()
+        if (changed := {k: v for k, v in body.items() if v != default[section][k]})
+    }
+
+
+def summary(cfg: Config, width: int = 100) -> str:
+    """The config in a few lines: one per section, only the values that differ from the defaults."""
+    import textwrap
+
+    changed = changed_from_defaults(cfg)
+    if not changed:
+        return "config: the defaults"
+    lines = ["config (what differs from the defaults):"]
+    for section, body in changed.items():
+        text = f"  [{section}] " + ", ".join(f"{k} = {toml_value(v)}" for k, v in body.items())
+        lines.extend(textwrap.wrap(text, max(width, 20), subsequent_indent="    ", break_on_hyphens=False))
+    return "\n".join(lines)
+
+
+def resume_config(run_dir: str | Path, args: list[str]) -> Config:
+    """`flame resume RUN_DIR [--key value ...]`: the run's saved config.toml, then the command line.
+
+    The run continues where it is: train.run_dir is RUN_DIR (wherever it was started from), and a
+    saved checkpoint.load / checkpoint.resume = false (a past rewind or restart) is not repeated,
+    unless given again on the command line."""
+    run_dir = Path(run_dir)
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        what = "does not exist" if not run_dir.exists() else "has no config.toml"
+        raise ConfigError(
+            f"'{run_dir}' is not a run directory (it {what}): `flame resume RUN_DIR` continues a run "
+            "that started there; options look like --section.key value"
+        )
+    problems: list[str] = []
+    cli_path, cli_items = parse_cli_overrides(list(args), problems)
+    if cli_path:
+        problems.append(
+            f"--config: a resume reads {path}; to start a new run from it use "
+            f"`flame train --config {path} --train.run_dir NEW_DIR`"
+        )
+    given = cli_items.get("train.run_dir")
+    if given is not None and Path(given).resolve() != run_dir.resolve():
+        problems.append(
+            f"--train.run_dir {given}: a resume continues {run_dir}; to start a new run from its config use "
+            f"`flame train --config {path} --train.run_dir {given}`"
+        )
+    if problems:
+        raise ConfigError(problems)
+    keep = {"train.run_dir": str(run_dir), "checkpoint.load": "", "checkpoint.resume": True}
+    return load_config(args, toml_path=str(path), overrides=keep)
+
+
+__all__ = [
+    "Config",
+    "load_config",
+    "resume_config",
+    "config_from_dict",
+    "validate",
+    "help_text",
+    "summary",
+    "changed_from_defaults",
+    "choice_fields",
+    "to_toml",
+]

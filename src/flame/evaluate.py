@@ -4,8 +4,9 @@ Every number is a ratio of sums: loss = (sum of token cross-entropy in nats) / (
 bpb = (the same sum) / (ln 2 x UTF-8 bytes of the text the target tokens stand for). The sums
 are taken per held-out set on each rank and added across ranks (one all-reduce of sums, never
 of means), so the result does not depend on how the windows were split over ranks or passes.
-With a mixture, each source's `<store>/val` is a set of its own, and the main record is their
-union (sum of sums / sum of counts) unless eval.store / eval.inputs names the main set.
+With a mixture (data.mix, or every source that data.phases names), each source's `<store>/val` is
+a set of its own, and the main record is their union (sum of sums / sum of counts) unless
+eval.store / eval.inputs names the main set.
 """
 
 from __future__ import annotations

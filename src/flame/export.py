@@ -15,72 +15,23 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flame.checkpoint import (
-    TRUST_NOTE,
-    is_checkpoint_dir,
-    list_checkpoints,
-    load_model_weights,
-    read_trainer_state,
-    step_dir,
-    verify,
-)
+from flame.checkpoint import TRUST_NOTE, find_checkpoint, load_model_weights, read_trainer_state
 from flame.config import Config, config_from_dict
 from flame.errors import CheckpointError, FlameError
+from flame.runs import run_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
-    """The checkpoint to export: RUN_DIR's newest (or its step N), or RUN_DIR itself when it is one."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"no such run directory '{run_dir}'")
-    if is_checkpoint_dir(run_dir):  # a checkpoint directory
-        if step is not None:
-            raise CheckpointError(f"{run_dir} is a checkpoint directory; --step applies to a run directory")
-        return run_dir
-    root = run_dir / "checkpoints"
-    done = list_checkpoints(root)
-    if not done:
-        raise CheckpointError(
-            f"{run_dir} has no complete checkpoint (looked in {root})",
-            hint="train first (a run saves at the end and every --checkpoint.interval steps), "
-            "or give the run directory of a run that saved one",
-        )
-    if step is None:
-        return done[-1]
-    path = step_dir(root, step)
-    if path not in done:
-        have = ", ".join(str(int(p.name.split("-")[1])) for p in done)
-        raise CheckpointError(f"{run_dir} has no complete checkpoint of step {step} (it has steps {have})")
-    return path
 
 
 def _saved_config(ckpt: Path) -> tuple[Config, dict]:
     state = read_trainer_state(ckpt)
     return config_from_dict(state.get("config", {})), state
-
-
-def _tokenizer(cfg: Config, run_dir: Path):
-    """The run's tokenizer: its data.tokenizer, or the copy a store keeps in <store>/tokenizer/."""
-    from flame.data.build import resolve_tokenizer
-    from flame.data.tokenizer import load_tokenizer
-
-    try:
-        return resolve_tokenizer(cfg)
-    except FlameError as first:
-        for copy in sorted(run_dir.glob("data/*/tokenizer")) + sorted(run_dir.glob("../data/*/tokenizer")):
-            if copy.is_dir():
-                return load_tokenizer(str(copy))
-        raise FlameError(
-            f"cannot load the run's tokenizer: {first.message}",
-            hint="export from the directory the run was started in (paths in its config are relative to it)",
-        ) from None
 
 
 def build_for_export(cfg: Config, vocab: int) -> nn.Module:
@@ -108,14 +59,11 @@ def export(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FlameError(f"--out {out} is a file, not a directory", hint="choose another --out")
-    ckpt = find_checkpoint(run_dir, step)
+    ckpt = find_checkpoint(run_dir, step, checksums=True, log=lambda m: print(m, file=sys.stderr))
     _check_out(out, [Path(run_dir), ckpt, ckpt.parent.parent], force)
-    problem = verify(ckpt)
-    if problem:
-        raise CheckpointError(f"checkpoint {ckpt} cannot be exported: {problem}")
     cfg, state = _saved_config(ckpt)
     run = ckpt.parent.parent
-    tok = _tokenizer(cfg, run)
+    tok = run_tokenizer(run, cfg, state)
     torch.manual_seed(0)
     model = build_for_export(cfg, tok.vocab_size)
     load_model_weights(ckpt, model, "the model its config describes")

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from flame.checkpoint import TRUST_NOTE, read_trainer_state
+from flame.checkpoint import TRUST_NOTE, checkpoint_covering, find_checkpoint, read_trainer_state
 from flame.config import Config, config_from_dict
-from flame.errors import CheckpointError, DataError, FlameError
+from flame.errors import DataError, FlameError
 from flame.records import read_records
 
 
@@ -30,10 +30,6 @@ def _err(msg: str) -> None:
 
 
 # ---------------------------------------------------------------- the run's settings
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("-")[1])
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -52,23 +48,13 @@ def load_run_config(run_dir: Path) -> Config:
         raise FlameError(f"{path} is not valid TOML: {e}") from None
 
 
-def _checkpoint_for(run_dir: Path, step: int) -> Path | None:
-    """The earliest kept checkpoint at or after `step` (saved by the process that trained it,
-    unless that one died first), else the latest."""
-    from flame.checkpoint import list_checkpoints
-
-    found = list_checkpoints(run_dir / "checkpoints")
-    later = [c for c in found if _step_of(c) >= step]
-    return later[0] if later else (found[-1] if found else None)
-
-
 class RunSettings:
     """What the data arithmetic of step N needs: config, world size, and the checkpoint's data state."""
 
     def __init__(self, run_dir: Path, step: int, world_size: int | None):
         self.run_dir = run_dir
         self.cfg = load_run_config(run_dir)
-        self.checkpoint = _checkpoint_for(run_dir, step)
+        self.checkpoint = checkpoint_covering(run_dir, step)
         self.data_state: dict = {}
         self.world_size, self.world_from = 0, ""
         if self.checkpoint is not None:
@@ -151,18 +137,19 @@ def _store_paths(s: RunSettings, tok) -> tuple[list[str], list[float] | None]:
     if d.store:
         return [d.store], None
     # raw inputs: the store the run prepared into its cache directory, found by its key (the
-    # inputs' names, sizes and times), else -- inputs touched or moved -- by its content
-    from flame.data.build import _cache_key, inputs_of, prepared_store
+    # inputs' content), else -- inputs edited since -- by the checkpoint's data fingerprint
+    from flame.data.build import cache_root, inputs_of, prepared_store, store_cache_path
     from flame.data.sources import expand_inputs
     from flame.parallel import World
 
-    root = Path(d.cache_dir) if d.cache_dir else s.run_dir / "data"
+    old = s.run_dir / "data"  # where runs before the shared cache prepared their inputs
+    root = old if old.is_dir() and not d.cache_dir else cache_root(cfg)
     try:
         paths = expand_inputs(inputs_of(cfg))
     except DataError:
         paths = None
     if paths is not None:
-        keyed = root / f"store-{_cache_key(paths, tok, d.text_field)}"
+        keyed = store_cache_path(paths, tok, cfg)
         if (keyed / "manifest.json").is_file():
             return [str(keyed)], None
     saved = s.data_state.get("fingerprint", "")
@@ -175,9 +162,10 @@ def _store_paths(s: RunSettings, tok) -> tuple[list[str], list[float] | None]:
 
 def open_run_data(s: RunSettings) -> tuple[list, list[float] | None, object]:
     """(stores, mixture weights, tokenizer) the run read."""
-    from flame.data.build import open_store, resolve_tokenizer
+    from flame.data.build import open_store
+    from flame.runs import run_tokenizer
 
-    tok = resolve_tokenizer(s.cfg)
+    tok = run_tokenizer(s.run_dir, s.cfg)
     if s.plan is not None:  # every source of every phase, by the path the plan records
         paths, weights = [src["path"] for src in s.plan["sources"]], None
     else:
@@ -197,23 +185,20 @@ def run_loader(s: RunSettings, stores: list, weights: list[float] | None, rank: 
     from flame.data.loader import PreparedLoader
     from flame.data.mixture import DataPlan
 
-    d = s.cfg.data
-    if s.plan is not None:
-        plan = DataPlan.from_dict(s.plan)
-        loader = PreparedLoader(
-            stores,
-            None,
-            d.context_len,
-            d.seed,
-            d.shuffle,
-            rank,
-            s.world_size,
-            d.batch_size,
-            s.cfg.train.grad_accum,
-            varlen=d.varlen,
-            plan=plan,
-            epoch_shift=bool(s.plan.get("epoch_shift", d.epoch_shift)),
-        )
+    # a saved plan records the run's epoch_shift; runs from before data plans had none
+    plan = DataPlan.from_dict(s.plan) if s.plan is not None else None
+    shift = bool(s.plan.get("epoch_shift", s.cfg.data.epoch_shift)) if s.plan is not None else False
+    loader = PreparedLoader.from_config(
+        s.cfg,
+        stores,
+        rank=rank,
+        world=s.world_size,
+        weights=None if plan is not None else weights,
+        plan=plan,
+        epoch_shift=shift,
+        num_workers=0,  # inspect reads batches in-process
+    )
+    if plan is not None:
         for was, now in zip(s.plan["sources"], loader.plan.sources):
             if was.get("fingerprint") and was["fingerprint"] != now.get("fingerprint"):
                 raise DataError(
@@ -222,18 +207,6 @@ def run_loader(s: RunSettings, stores: list, weights: list[float] | None, rank: 
                     hint="restore the store the run trained on",
                 )
         return loader
-    loader = PreparedLoader(
-        stores,
-        weights,
-        d.context_len,
-        d.seed,
-        d.shuffle,
-        rank,
-        s.world_size,
-        d.batch_size,
-        s.cfg.train.grad_accum,
-        varlen=d.varlen,
-    )
     saved = s.data_state.get("fingerprint")
     if saved and saved != loader.fingerprint:
         raise DataError(
@@ -436,31 +409,6 @@ def cli(argv: list[str]) -> int:
 # ---------------------------------------------------------------- generate
 
 
-def _pick_checkpoint(run_dir: Path, step: int | None) -> Path:
-    from flame.checkpoint import list_checkpoints, verify
-
-    found = list_checkpoints(run_dir / "checkpoints")
-    if not found:
-        raise CheckpointError(
-            f"{run_dir} has no complete checkpoint yet", hint="train until one is saved (checkpoint.interval)"
-        )
-    if step is not None:
-        chosen = [c for c in found if _step_of(c) == step]
-        if not chosen:
-            have = ", ".join(str(_step_of(c)) for c in found)
-            raise CheckpointError(f"{run_dir} has no checkpoint of step {step}", hint=f"kept steps: {have}")
-        problem = verify(chosen[0], checksums=False)
-        if problem:
-            raise CheckpointError(f"checkpoint {chosen[0]} cannot be used: {problem}")
-        return chosen[0]
-    for c in reversed(found):
-        problem = verify(c, checksums=False)
-        if problem is None:
-            return c
-        _err(f"warning: checkpoint {c} is damaged ({problem}); trying the previous one")
-    raise CheckpointError(f"every checkpoint in {run_dir / 'checkpoints'} is damaged")
-
-
 def load_for_generation(path: str | Path, step: int | None, device: torch.device):
     """(model, tokenizer, context length, description) from a run directory or an HF model directory."""
     from flame.data.tokenizer import load_tokenizer
@@ -468,12 +416,12 @@ def load_for_generation(path: str | Path, step: int | None, device: torch.device
     path = Path(path)
     if (path / "config.toml").is_file():
         from flame.checkpoint import load_model_weights
-        from flame.data.build import resolve_tokenizer
         from flame.export import build_for_export
+        from flame.runs import run_tokenizer
 
         cfg = load_run_config(path)
-        ckpt = _pick_checkpoint(path, step)
-        tok = resolve_tokenizer(cfg)
+        ckpt = find_checkpoint(path, step, log=_err)
+        tok = run_tokenizer(path, cfg, read_trainer_state(ckpt))
         # the architecture the run trained (an init_from directory's config.json), random weights:
         # the checkpoint's replace them
         model = build_for_export(cfg, tok.vocab_size)
@@ -484,10 +432,13 @@ def load_for_generation(path: str | Path, step: int | None, device: torch.device
             raise FlameError("--step applies to run directories; an exported model directory holds one model")
         from transformers import AutoModelForCausalLM
 
+        from flame.model import quiet_progress
+
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), local_files_only=True, dtype=torch.float32
-            )
+            with quiet_progress():  # a local directory: no "Loading weights" bar in the output
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path), local_files_only=True, dtype=torch.float32
+                )
         except Exception as e:
             raise FlameError(f"transformers cannot load a causal LM from {path}: {e}") from None
         tok = load_tokenizer(str(path))

@@ -7,6 +7,7 @@ documents stay isolated) is checked here, before any data is read.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -273,8 +274,10 @@ def _from_hf_config(cfg: ModelConfig, hf) -> nn.Module:
     try:
         # a fresh copy: transformers writes the chosen implementation into the config it is given;
         # fp32 weights whatever dtype a hub config.json names (autocast gives bf16 compute)
-        return AutoModelForCausalLM.from_config(
-            copy.deepcopy(hf), attn_implementation=_request(cfg), dtype=torch.float32
+        return _default_loss_type(
+            AutoModelForCausalLM.from_config(
+                copy.deepcopy(hf), attn_implementation=_request(cfg), dtype=torch.float32
+            )
         )
     except (ValueError, ImportError) as e:
         if _request(cfg) is not None and _is_attention_error(e):
@@ -338,9 +341,10 @@ def _from_pretrained(cfg: ModelConfig, tokenizer_vocab: int, log: Log) -> nn.Mod
                 hf, dtype=torch.float32, attn_implementation=_request(cfg)
             )
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=torch.float32, attn_implementation=_request(cfg)
-            )
+            with quiet_progress():
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, local_files_only=True, dtype=torch.float32, attn_implementation=_request(cfg)
+                )
     except (ValueError, ImportError) as e:
         if _request(cfg) is not None and _is_attention_error(e):
             raise _attention_refused(cfg, cls, e) from None
@@ -348,6 +352,29 @@ def _from_pretrained(cfg: ModelConfig, tokenizer_vocab: int, log: Log) -> nn.Mod
     except Exception as e:
         raise ConfigError(f"model.init_from: cannot load a model from {path}: {_reason(e)}") from None
     _reconcile_vocab(model, cfg, tokenizer_vocab, log)
+    return _default_loss_type(model)
+
+
+@contextlib.contextmanager
+def quiet_progress():
+    """No transformers progress bars ("Loading weights") inside: a small local load is not a
+    download, and a bar in flame's output (or a log file) is only noise. Warnings still show."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _default_loss_type(model: nn.Module) -> nn.Module:
+    """Name the causal-LM loss on models whose class name does not say it (GPT-2's LMHeadModel):
+    transformers falls back to the same loss, but prints that `loss_type=None` is unrecognized."""
+    if getattr(model, "loss_type", "") is None:
+        model.loss_type = "ForCausalLM"
     return model
 
 

@@ -33,8 +33,6 @@ from torch import nn
 from flame.config import ParallelConfig, TrainConfig
 from flame.errors import ConfigError, FlameError
 
-INIT_MODES = ("auto", "rank0", "meta")
-
 
 @dataclass
 class World:
@@ -91,11 +89,8 @@ def strategy_of(pcfg: ParallelConfig, world: World) -> str:
 
 
 def init_mode(pcfg: ParallelConfig) -> str:
-    """`parallel.init` (rank0 or meta); rank0 when the config has no such knob."""
-    mode = getattr(pcfg, "init", "auto")
-    if mode not in INIT_MODES:
-        raise ConfigError(f"parallel.init = {mode!r} is not one of {', '.join(INIT_MODES)}")
-    return "rank0" if mode == "auto" else mode
+    """`parallel.init`: rank0 (also for auto) or meta (its Literal choices are checked by config)."""
+    return "rank0" if pcfg.init == "auto" else pcfg.init
 
 
 def builds_on_meta(strategy: str, world: World, mode: str = "rank0") -> bool:

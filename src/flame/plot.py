@@ -99,12 +99,13 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 
 def thin(xs: np.ndarray, ys: np.ndarray, max_points: int = 4000) -> tuple[np.ndarray, np.ndarray]:
-    """At most about `max_points` points that draw the same line: each of max_points / 2 buckets
-    keeps its lowest and highest point (in x order), so spikes survive the thinning."""
+    """At most `max_points` points that draw the same line: each of max_points / 2 - 1 buckets
+    keeps its lowest and highest point (in x order), so spikes survive the thinning; the first and
+    last point are kept too."""
     n = len(xs)
     if n <= max_points:
         return xs, ys
-    size = -(-n // (max_points // 2))
+    size = -(-n // max(1, max_points // 2 - 1))  # with the first and last: at most max_points
     buckets = -(-n // size)
     padded = np.full(buckets * size, np.nan)
     padded[:n] = ys
@@ -113,7 +114,7 @@ def thin(xs: np.ndarray, ys: np.ndarray, max_points: int = 4000) -> tuple[np.nda
     lo = np.where(finite, grid, np.inf).argmin(axis=1)  # a bucket of NaNs keeps its first point
     hi = np.where(finite, grid, -np.inf).argmax(axis=1)
     base = np.arange(buckets) * size
-    idx = np.unique(np.concatenate([base + lo, base + hi]))
+    idx = np.unique(np.concatenate([[0, n - 1], base + lo, base + hi]))
     idx = idx[idx < n]
     return xs[idx], ys[idx]
 

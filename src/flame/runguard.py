@@ -5,11 +5,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 from flame.config import Config
-from flame.errors import CheckpointError, FlameError
+from flame.errors import CheckpointError, ConfigError, FlameError
 
 
 class RunLock:
@@ -71,6 +73,77 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
+    def holder(self) -> dict | None:
+        """{"pid", "host"} of the live process that holds the lock, without taking it (for
+        `flame status`); None when none does. Linux: the kernel's table of flock locks
+        (/proc/locks) is the truth, the pid written in the file may be a dead run's."""
+        try:
+            st = os.stat(self.path)
+            owner = json.loads(self.path.read_bytes() or b"{}")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        owner = owner if isinstance(owner, dict) else {}
+        inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+        try:
+            table = Path("/proc/locks").read_text()
+        except OSError:  # not Linux: a process of that pid alive on this host is the best guess
+            pid = owner.get("pid")
+            if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+                return None
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+            return {"pid": pid, "host": owner.get("host")}
+        for line in table.splitlines():
+            f = line.split()  # "1: FLOCK  ADVISORY  WRITE 18972 fe:00:2678927 0 EOF"
+            if len(f) >= 6 and f[1] == "FLOCK" and f[5] == inode:
+                return {"pid": int(f[4]), "host": socket.gethostname()}
+        return None
+
+
+def stop_signals(names: Iterable[str]) -> list[signal.Signals]:
+    """The signals that checkpoint and stop a run at the end of its step: train.preempt_signals,
+    and always SIGINT, so Ctrl-C keeps the work done (a second Ctrl-C still exits at once)."""
+    out: list[signal.Signals] = []
+    for name in [*names, "SIGINT"]:
+        sig = getattr(signal, name, None)
+        if not isinstance(sig, signal.Signals):
+            raise ConfigError(f"train.preempt_signals: unknown signal {name!r}")
+        if sig not in out:
+            out.append(sig)
+    return out
+
+
+class StopSignals:
+    """While installed, the first of `signals` calls `on_first(name)` (the trainer checkpoints at
+    the end of the step and stops); a second one exits at once with 128 + its number, as an
+    uncaught signal would. `restore` puts the earlier handlers back (Ctrl-C interrupts again)."""
+
+    def __init__(self, signals: list[signal.Signals], on_first) -> None:
+        self.signals = signals
+        self.on_first = on_first
+        self.seen = 0
+        self._previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.seen += 1
+        if self.seen > 1:
+            raise SystemExit(128 + signum)  # a second signal: leave at once
+        self.on_first(signal.Signals(signum).name)
+
+    def install(self) -> StopSignals:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def restore(self) -> None:
+        previous, self._previous = self._previous, {}
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
 
 def _get(d: dict, key: str):
     section, _, name = key.partition(".")
@@ -79,7 +152,10 @@ def _get(d: dict, key: str):
 
 def check_resume_compatible(saved: dict, cfg: Config, frozen: tuple[str, ...]) -> list[str]:
     """Refuse a resume whose settings would change the data order or the model; list harmless changes."""
-    now = cfg.to_dict()
+    from flame.runs import absolute_paths
+
+    now = absolute_paths(cfg.to_dict())
+    saved = absolute_paths(saved) if saved else saved  # a run saved before paths were made absolute
     changed = [k for k in frozen if saved and _get(saved, k) != _get(now, k)]
     if changed and not cfg.checkpoint.allow_config_change:
         lines = [f"{k}: {_get(saved, k)!r} in the checkpoint, {_get(now, k)!r} now" for k in changed]

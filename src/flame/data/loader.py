@@ -10,18 +10,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flame.data.mixture import DataPlan, PhasedSchedule, parse_named_mix
-from flame.data.packed import SampleSource, micro_batch_samples, varlen_fields
+from flame.data.packed import SampleSource, WindowReader, micro_batch_samples
 from flame.data.store import TokenStore
 from flame.errors import DataError
 
+if TYPE_CHECKING:
+    from flame.config import Config
+
 STATE_VERSION = 1
 PLAN_FILE = "data_plan.json"
+# window locations and varlen boundaries are found for this many micro-batches at once (at most
+# BLOCK_TOKENS tokens' worth)
+BLOCK_MICRO = 256
+BLOCK_TOKENS = 1 << 22
 
 
 class PreparedBatches(IterableDataset):
@@ -38,48 +46,85 @@ class PreparedBatches(IterableDataset):
         start: int = 0,
     ):
         self.source = source
+        self.reader = (
+            WindowReader([p.store if p is not None else None for p in source.parts], source.context_len)
+            if source is not None
+            else None
+        )
         self.rank, self.world, self.batch_size, self.accum = rank, world, batch_size, accum
         self.varlen = varlen
         self.start = start
         self.L = source.context_len if source is not None else 0
+        self.stride = 1  # micro-batches m, m + stride, ... are read in turn (one loader worker's)
+        self._blk: tuple | None = None
+
+    def set_reader(self, source: SampleSource, reader: WindowReader) -> None:
+        self.source, self.reader, self.L = source, reader, source.context_len
+        self._blk = None
+
+    def _block(self, micro: int) -> tuple[int, tuple]:
+        """(position of `micro` in its block, the block): where the windows of the micro-batches
+        read next lie in the stores, and their varlen segment starts, found for a block of them at
+        once. A batch then takes slices of the block instead of a dozen small numpy calls; the
+        values are those `reader.where` / `reader.cuts` give for the batch alone."""
+        c, B, L, stride = self._blk, self.batch_size, self.L, self.stride
+        if c is None or not (c[2] == stride and c[0] <= micro < c[1] and (micro - c[0]) % stride == 0):
+            count = max(1, min(BLOCK_MICRO, BLOCK_TOKENS // (B * L)))
+            ms = np.arange(micro, micro + count * stride, stride, dtype=np.int64)
+            step, a = np.divmod(ms, self.accum)  # micro_batch_samples of every m at once
+            first = step * (B * self.world * self.accum) + (a * self.world + self.rank) * B
+            src, starts = self.source.locate_many((first[:, None] + np.arange(B)).ravel())
+            where = self.reader.where(src, starts)
+            ptr = cu = None
+            if self.varlen:
+                cu = self.reader.cuts(starts, where)
+                ptr = cu.searchsorted(np.arange(0, len(starts) + 1, B) * L).tolist()  # each batch's first cut
+            c = self._blk = (micro, micro + count * stride, stride, where, ptr, cu)
+        return (micro - c[0]) // stride, c
+
+    def _where(self, micro: int) -> tuple | None:
+        k, c = self._block(micro)
+        B = self.batch_size
+        return None if c[3] is None else (c[3][0][k * B : (k + 1) * B], c[3][1][k * B : (k + 1) * B])
+
+    def _cuts(self, micro: int) -> np.ndarray:
+        k, c = self._block(micro)
+        ptr, cu = c[4], c[5]
+        return cu[ptr[k] : ptr[k + 1] + 1] - k * self.batch_size * self.L
 
     def samples(self, micro: int) -> np.ndarray:
         return micro_batch_samples(micro, self.rank, self.world, self.batch_size, self.accum)
 
     def batch(self, micro: int) -> dict:
         ks = self.samples(micro)
-        src, starts = self.source.locate(ks)
-        out = np.empty((len(ks), self.L), dtype=np.int64)
-        stores = [p.store if p is not None else None for p in self.source.parts]
-        if len(stores) == 1:
-            stores[0].read_windows(starts, out)
+        src, starts = self.source.locate_range(int(ks[0]), len(ks))
+        blocked = self.varlen or not self.reader.one_shard  # a flat one-shard read needs no lookups
+        tokens, _ = self.reader.read(src, starts, self._where(micro) if blocked else None)
+        out = tokens.astype(np.int64)
+        if not self.varlen:
+            batch = {"input_ids": torch.from_numpy(out), "samples": torch.from_numpy(ks)}
         else:
-            for s in np.unique(src).tolist():
-                rows = np.nonzero(src == s)[0]
-                if stores[s] is None:
-                    raise DataError(f"micro-batch {micro} reads mixture source {s}, whose store is not open")
-                stores[s].read_windows(starts[rows], out, rows)
-        batch = {"input_ids": torch.from_numpy(out), "samples": torch.from_numpy(ks)}
-        if len(stores) > 1:  # which mixture source each window came from: per-source loss
-            batch["source"] = torch.from_numpy(src)
-        if self.varlen:
-            cu, pos, longest = varlen_fields(stores, src, starts, self.L)
+            cu, pos, longest = self.reader.segments(self._cuts(micro))
             flat = out.reshape(1, -1)
-            labels = flat.copy()
+            labels = tokens.astype(np.int64).reshape(1, -1)  # from the narrow ids: a quarter of the reads
             labels[0, cu[1:-1]] = -100  # no prediction across a boundary
-            batch.update(
-                input_ids=torch.from_numpy(flat),
-                labels=torch.from_numpy(labels),
-                position_ids=torch.from_numpy(pos).view(1, -1),
-                cu_seqlens=torch.from_numpy(cu),
-                max_seqlen=longest,
-                num_targets=flat.size - 1 - (len(cu) - 2),  # known here: no tensor read in the step
-            )
+            batch = {
+                "input_ids": torch.from_numpy(flat),
+                "samples": torch.from_numpy(ks),
+                "labels": torch.from_numpy(labels),
+                "position_ids": torch.from_numpy(pos.reshape(1, -1)),
+                "cu_seqlens": torch.from_numpy(cu),
+                "max_seqlen": longest,
+                "num_targets": flat.size - 1 - (len(cu) - 2),  # known here: no tensor read in the step
+            }
+        if len(self.source.parts) > 1:  # which mixture source each window came from: per-source loss
+            batch["source"] = torch.from_numpy(src)
         return batch
 
     def __iter__(self):
         info = get_worker_info()
         w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        self.stride = nw
         m = self.start + w
         while True:
             yield self.batch(m)
@@ -93,23 +138,26 @@ class PreparedLoader:
 
     def __init__(
         self,
-        stores: list[TokenStore],
-        weights: list[float] | None,
+        stores: list[TokenStore | None],
+        *,
         context_len: int,
-        seed: int,
-        shuffle: bool,
-        rank: int,
-        world: int,
         batch_size: int,
-        accum: int,
-        varlen: bool = False,
-        num_workers: int = 0,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world: int = 1,
+        accum: int = 1,
+        weights: list[float] | None = None,
         names: list[str] | None = None,
         plan: DataPlan | None = None,
+        varlen: bool = False,
+        num_workers: int = 0,
         epoch_shift: bool = False,
     ):
-        """`plan` (phases over named sources, `stores` aligned with its sources, None for one not
-        read any more) replaces `weights` / `names`."""
+        """`batch_size` windows of `context_len` tokens per micro-batch, `accum` micro-batches per
+        step on each of `world` ranks. `weights` / `names` make a mixture of `stores`; a `plan`
+        (phases over named sources, `stores` aligned with its sources, None for one not read any
+        more) replaces them."""
         self.context_len, self.seed, self.shuffle, self.epoch_shift = context_len, seed, shuffle, epoch_shift
         self.global_batch = batch_size * world * accum
         self.accum = accum
@@ -128,6 +176,50 @@ class PreparedLoader:
         self.batches = PreparedBatches(None, rank, world, batch_size, accum, varlen)  # source: below
         self._set_plan(plan, stores)
         self._legacy_weights = weights
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        stores: list[TokenStore | None],
+        *,
+        rank: int,
+        world: int,
+        weights: list[float] | None = None,
+        names: list[str] | None = None,
+        plan: DataPlan | None = None,
+        epoch_shift: bool | None = None,
+        num_workers: int | None = None,
+    ) -> PreparedLoader:
+        """The loader of rank `rank` of `world` that `cfg`'s data and train sections describe.
+        `epoch_shift` / `num_workers` replace the config's (a saved plan records the former)."""
+        d = cfg.data
+        return cls(
+            stores,
+            context_len=d.context_len,
+            batch_size=d.batch_size,
+            seed=d.seed,
+            shuffle=d.shuffle,
+            rank=rank,
+            world=world,
+            accum=cfg.train.grad_accum,
+            weights=weights,
+            names=names,
+            plan=plan,
+            varlen=d.varlen,
+            num_workers=d.num_workers if num_workers is None else num_workers,
+            epoch_shift=d.epoch_shift if epoch_shift is None else bool(epoch_shift),
+        )
+
+    def reset(self) -> None:
+        """Back to the first micro-batch (step 0), as a fresh loader."""
+        self.micro = 0
+
+    def seek(self, step: int) -> None:
+        """Continue at the first micro-batch of 0-based optimizer step `step` (that many steps read)."""
+        if step < 0:
+            raise ValueError(f"seek needs a step >= 0, got {step}")
+        self.micro = int(step) * self.accum
 
     def _set_plan(self, plan: DataPlan, stores: list) -> None:
         self.plan = plan
@@ -148,8 +240,7 @@ class PreparedLoader:
             schedule=schedule,
             epoch_shift=self.epoch_shift,
         )
-        self.batches.source = self.source
-        self.batches.L = self.context_len
+        self.batches.set_reader(self.source, WindowReader(self.stores, self.context_len))
         self.source_names = plan.names if len(stores) > 1 else []
 
     @property

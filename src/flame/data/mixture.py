@@ -201,8 +201,11 @@ class MixtureSchedule:
             num[lo:][flat] = nums.ravel()
         return src, num
 
-    def assign(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """For global samples k in [start, start + count): (source ids, index within source), int64."""
+    def assign(self, start: int, count: int, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """For global samples k in [start, start + count): (source ids, index within source), int64.
+
+        A miss computes whole blocks, some ahead for the next call; `limit` (a phase's end: no
+        sample at or past it is asked for) stops that read-ahead there."""
         start, count = int(start), int(count)
         if start < 0 or count < 0:
             raise ValueError(f"assign needs start >= 0 and count >= 0, got {start}, {count}")
@@ -215,7 +218,11 @@ class MixtureSchedule:
             lo = start - cache[0]
             return cache[2][lo : lo + count].copy(), cache[3][lo : lo + count].copy()
         b0 = start // block
-        nb = max(-(-end // block) - b0, -(-_MIN_SPAN // block))
+        need = -(-end // block) - b0
+        ahead = -(-_MIN_SPAN // block)
+        if limit is not None:
+            ahead = min(ahead, -(-int(limit) // block) - b0)
+        nb = max(need, ahead)
         src, num = self._tables(b0, nb)
         if nb * block <= _CACHE_MAX:
             self._cache = (b0 * block, (b0 + nb) * block, src, num)
@@ -310,7 +317,8 @@ class PhasedSchedule:
         while k < end:
             seg_end = int(self.starts[i + 1]) if i + 1 < len(self.starts) else end
             hi = min(end, seg_end)
-            s, n = self.parts[i].assign(k - int(self.starts[i]), hi - k)
+            limit = seg_end - int(self.starts[i]) if i + 1 < len(self.starts) else None
+            s, n = self.parts[i].assign(k - int(self.starts[i]), hi - k, limit)
             s = self.active[i][s]
             src[k - start : hi - start] = s
             num[k - start : hi - start] = n + self.offsets[i][s]

@@ -1,9 +1,12 @@
 """`flame prepare`: corpus -> tokenized store, in parallel, resumable, splittable across machines.
 
-Inputs expand to a sorted list of units (see sources.plan_units); part I of N owns the units with
-index % N == I; every unit becomes one shard `u{index:06d}` (and one in `<output>/val` when a
-validation fraction is asked for). A unit is done once its record `units/u{index:06d}.json` exists
-and its shard files match it, so a killed run re-run with the same arguments redoes only the rest.
+Inputs expand to a sorted list of units (see sources.plan_units) grouped into balanced tasks
+(sources.plan_tasks); without an explicit unit size, units are sized from the total input and the
+worker count (sources.auto_unit_bytes) and the size is recorded, so a resumed run keeps the plan.
+Part I of N owns the tasks with index % N == I; every task becomes one shard `u{index:06d}` (and
+one in `<output>/val` when a validation fraction is asked for). A task is done once its record
+`units/u{index:06d}.json` exists and its shard files match it, so a killed run re-run with the same
+arguments redoes only the rest.
 When every part is complete the store is finalized (manifest.json); the last part to finish does it.
 """
 
@@ -31,7 +34,18 @@ from pathlib import Path
 import numpy as np
 
 from flame.data import store
-from flame.data.sources import BadRecords, Doc, Unit, expand_inputs, file_state, plan_units, read_unit
+from flame.data.sources import (
+    BadRecords,
+    Doc,
+    Unit,
+    auto_unit_bytes,
+    expand_inputs,
+    file_state,
+    input_bytes,
+    plan_tasks,
+    plan_units,
+    read_unit,
+)
 from flame.data.sources import unit_bytes as unit_size
 from flame.data.tokenizer import Tokenizer, load_tokenizer
 from flame.errors import DataError
@@ -43,6 +57,10 @@ SETTINGS = "prepare.json"
 SETTINGS_VERSION = 2
 MAX_UNIT_MB = 16384  # a unit is one shard, tokenized by one worker holding its document index in memory
 MIN_UNIT_MB = 1 / 1024
+LEGACY_UNIT_BYTES = 64 << 20  # the fixed unit size of settings files that did not record theirs
+# --part I/N: the machines of the other parts may have other core counts, so an automatic plan is
+# sized for this many workers per part, the same on every machine
+PART_PLAN_WORKERS = 16
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,14 @@ class _Job:
     sources: tuple[str, ...]
     threads: int = 0
     states: tuple[tuple[str, list[int] | None], ...] = ()  # (path, [size, mtime_ns]) when planned
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (taskset, cgroup cpusets), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def is_val(path: str, record: int, fraction: float) -> bool:
@@ -343,7 +369,7 @@ def _make_dir(output: Path) -> None:
             what = "is a file, not a directory"
         else:
             what = f"cannot be created: {e.strerror or e}"
-        raise DataError(f"store directory {output} {what}", hint="choose another --output") from None
+        raise DataError(f"store directory {output} {what}", hint="choose another --data.store") from None
 
 
 def _comparable(settings: dict) -> dict:
@@ -388,11 +414,30 @@ def _check_settings(output: Path, settings: dict) -> None:
                 )
             raise DataError(
                 f"{output} already holds a store prepared with different {', '.join(diff)}{detail}",
-                hint="prepare into a new --output directory, or delete this one to start over",
+                hint="prepare into a new --data.store directory, or delete this one to start over",
             )
         if old.get("version") == settings["version"] and old.get("unit_bytes") == settings["unit_bytes"]:
             return
     store._atomic_write_json(p, settings, "settings file")
+
+
+def _recorded_unit_bytes(output: Path, settings: dict) -> int | None:
+    """The unit size a store already begun with these very settings recorded (its plan, kept whatever
+    the worker count of this run), or None: a new store, or other settings (refused just after)."""
+    try:
+        old = json.loads((output / SETTINGS).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(old, dict):
+        return None
+    a, b = _comparable(old), _comparable(settings)
+    a.pop("unit_bytes", None)
+    b.pop("unit_bytes", None)
+    if a != b:
+        return None
+    size = old.get("unit_bytes", LEGACY_UNIT_BYTES)  # without one: the fixed size of older versions
+    ok = isinstance(size, int) and not isinstance(size, bool) and 1 <= size <= MAX_UNIT_MB << 20
+    return size if ok else None
 
 
 def _save_tokenizer_copy(tok: Tokenizer, output: Path) -> None:
@@ -479,7 +524,7 @@ def _check_bounds(part, val_fraction, max_bad_fraction, unit_bytes, bad_records)
         raise DataError(
             f"max_bad_fraction = {max_bad_fraction} must be in (0, 1] (a fraction of the records)"
         )
-    if not (isinstance(unit_bytes, int) and 1 <= unit_bytes <= MAX_UNIT_MB << 20):
+    if unit_bytes is not None and not (isinstance(unit_bytes, int) and 1 <= unit_bytes <= MAX_UNIT_MB << 20):
         raise DataError(f"unit_bytes = {unit_bytes} must be an integer in [1, {MAX_UNIT_MB << 20}]")
     if bad_records not in ("skip", "error"):
         raise DataError(f"bad_records = {bad_records!r} must be 'skip' or 'error'")
@@ -497,14 +542,19 @@ def prepare(
     bad_records: str = "skip",
     max_bad_fraction: float = 0.5,
     progress: bool = True,
-    unit_bytes: int = 64 << 20,
+    unit_bytes: int | None = None,
+    plan_workers: int | None = None,
     log=None,
 ) -> dict:
     """Tokenize `inputs` into the store `output` (part I of N); returns the manifest once every part is
     complete (with a "val" entry when val_fraction > 0), else this part's info and the missing parts.
 
     workers > 1 starts worker processes (forkserver/spawn): a script calling this needs the usual
-    `if __name__ == "__main__":` guard. Re-running with the same arguments resumes; a unit whose
+    `if __name__ == "__main__":` guard. unit_bytes None sizes the units from the total input and
+    `plan_workers` (default: the worker count; with --part I/N, PART_PLAN_WORKERS per part) so every
+    worker gets several similar units; a store already begun keeps the unit size it recorded.
+    The store's token stream and document list (in input order) do not depend on the plan; its
+    shard layout, and so its fingerprint, does. Re-running with the same arguments resumes; a unit whose
     input changed (size or mtime) since it was prepared is prepared again. Runs of the same part
     into one store take turns (a file lock), so a second one waits and then reuses the first's work.
     """
@@ -522,6 +572,7 @@ def prepare(
         max_bad_fraction=max_bad_fraction,
         progress=progress,
         unit_bytes=unit_bytes,
+        plan_workers=plan_workers,
         log=log,
     )
     with _PartLock(out, part, log):
@@ -541,14 +592,16 @@ def _prepare_locked(
     bad_records: str,
     max_bad_fraction: float,
     progress: bool,
-    unit_bytes: int,
+    unit_bytes: int | None,
+    plan_workers: int | None,
     log,
 ) -> dict:
     i_part, n_parts = part
     output = str(out)
     paths = expand_inputs(inputs, log)
     states = {p: file_state(p) for p in paths}
-    units = plan_units(paths, unit_bytes)
+    if workers <= 0:
+        workers = usable_cpus()
     dtype = store.token_dtype(tok.vocab_size)
     settings = {
         "version": SETTINGS_VERSION,
@@ -559,10 +612,20 @@ def _prepare_locked(
         "val_fraction": val_fraction,
         "num_parts": n_parts,
     }
+    how = "unit size given"
+    if unit_bytes is None:
+        unit_bytes, how = _recorded_unit_bytes(out, settings), "as recorded when this store was begun"
+        if unit_bytes is None:
+            sized_for = plan_workers or (PART_PLAN_WORKERS * n_parts if n_parts > 1 else workers)
+            unit_bytes = auto_unit_bytes(input_bytes(paths), sized_for)
+            how = f"automatic for {sized_for} worker(s)"
+        settings["unit_bytes"] = unit_bytes
+    units = plan_units(paths, unit_bytes)
     _check_settings(out, settings)
     _save_tokenizer_copy(tok, out)
 
-    mine = [(i, t) for i, t in enumerate(plan_tasks(units, unit_bytes)) if i % n_parts == i_part]
+    tasks = plan_tasks(units, unit_bytes)
+    mine = [(i, t) for i, t in enumerate(tasks) if i % n_parts == i_part]
     records: dict[int, dict] = {}
     todo = []
     changed: set[str] = set()
@@ -583,9 +646,14 @@ def _prepare_locked(
             f"{'its' if len(changed) == 1 else 'their'} shards were prepared: preparing the "
             f"{redone} affected shard(s) again"
         )
-    if workers <= 0:
-        workers = os.cpu_count() or 1
     workers = max(1, min(workers, len(todo)))
+    if todo:
+        sizes = [sum(unit_size(u) for u in t) for _, t in todo]
+        log(
+            f"{'prepare' if n_parts == 1 else f'prepare {i_part}/{n_parts}'}: {len(todo)} of {len(tasks)} "
+            f"task(s) to do ({len(units)} unit(s) of ~{unit_bytes / (1 << 20):.3g} MiB, {how}; tasks of "
+            f"{min(sizes) / 1e6:,.1f}-{max(sizes) / 1e6:,.1f} MB) on {workers} worker(s)"
+        )
     job = _Job(
         tokenizer=tokenizer,
         output=str(out),
@@ -595,7 +663,7 @@ def _prepare_locked(
         bad_records=bad_records,
         max_bad_fraction=max_bad_fraction,
         sources=tuple(paths),
-        threads=max(1, (os.cpu_count() or 1) // workers) if workers > 1 else 0,
+        threads=max(1, usable_cpus() // workers) if workers > 1 else 0,
         states=tuple(states.items()),
     )
     bad = BadRecords(bad_records, max_bad_fraction)
@@ -622,20 +690,6 @@ def _prepare_locked(
     if bad.bad_count or bad.empty_count:
         log(f"{label}: {bad.summary()}")
     return _finish(out, tok, paths, states, dtype, records, bad, part, val_fraction, max_bad_fraction, log)
-
-
-def plan_tasks(units: list[Unit], target_bytes: int) -> list[list[Unit]]:
-    """Group consecutive units into tasks of about target_bytes (one shard each), so a corpus of many
-    small files does not become as many tiny shards. A pure function of the unit list."""
-    tasks: list[list[Unit]] = []
-    size = target_bytes
-    for u in units:
-        if size >= target_bytes:
-            tasks.append([])
-            size = 0
-        tasks[-1].append(u)
-        size += max(unit_size(u), 1)
-    return tasks
 
 
 def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, progress):
@@ -784,40 +838,112 @@ def _parse_part(s: str) -> tuple[int, int]:
     return i, n
 
 
+# Options that are config keys take the config's spelling, --section.key as in `flame train` (the
+# store written is what data.store then reads); the older spellings still work, with a note.
+RENAMED = {
+    "--input": "--data.inputs",
+    "--tokenizer": "--data.tokenizer",
+    "--output": "--data.store",
+    "--text-field": "--data.text_field",
+    "--bad-records": "--data.bad_records",
+    "--max-bad-fraction": "--data.max_bad_fraction",
+}
+
+
+def _spellings(argv: list[str]) -> dict[str, str]:
+    """{new spelling: the one used} of the renamed options in argv; one note per old spelling."""
+    used: dict[str, str] = {}
+    for tok in argv:
+        flag = tok.split("=", 1)[0]
+        if flag in RENAMED and RENAMED[flag] not in used:
+            print(
+                f"note: flame prepare {flag} is now spelt {RENAMED[flag]} (as in flame train); "
+                "the old spelling still works",
+                file=sys.stderr,
+            )
+        if flag in RENAMED or flag in RENAMED.values():
+            used.setdefault(RENAMED.get(flag, flag), flag)
+    return used
+
+
+def _config_option(p: argparse.ArgumentParser, new: str, dest: str, **kw) -> None:
+    """An option spelt as its config key, and its old spelling as a hidden alias."""
+    p.add_argument(new, dest=dest, **kw)
+    old = next(o for o, n in RENAMED.items() if n == new)
+    kw = {k: v for k, v in kw.items() if k in ("nargs", "type", "choices", "metavar")}
+    p.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
+
+
 def _parser() -> argparse.ArgumentParser:
+    from flame.config import DataConfig, choice_fields
+
+    d = DataConfig()
     p = argparse.ArgumentParser(
         prog="flame prepare",
         description="Tokenize a corpus once into a store that training memory-maps. Re-running the same "
         "command resumes; --part I/N splits the work across machines (the last part finalizes).",
     )
-    p.add_argument(
-        "--input", nargs="+", metavar="SPEC", help="files, folders, globs, hf:NAME[:SPLIT], or stdlib"
+    _config_option(
+        p,
+        "--data.inputs",
+        "input",
+        nargs="+",
+        metavar="SPEC",
+        help="files, folders, globs, hf:NAME[:SPLIT], or stdlib (was --input)",
     )
-    p.add_argument("--tokenizer", default="byte", help="'byte' or a tokenizer directory / tokenizer.json")
-    p.add_argument("--output", help="store directory to write")
+    _config_option(
+        p,
+        "--data.tokenizer",
+        "tokenizer",
+        default=d.tokenizer,
+        help="'byte' or a tokenizer directory / tokenizer.json (was --tokenizer)",
+    )
+    _config_option(
+        p,
+        "--data.store",
+        "output",
+        metavar="STORE",
+        help="store directory to write; train on it with flame train --data.store STORE (was --output)",
+    )
     p.add_argument("--workers", type=int, default=0, help="worker processes (0 = all cores)")
     p.add_argument("--part", type=_parse_part, default=(0, 1), metavar="I/N", help="prepare only part I of N")
-    p.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet/HF records")
+    _config_option(
+        p,
+        "--data.text_field",
+        "text_field",
+        default=d.text_field,
+        metavar="FIELD",
+        help="field holding the text in jsonl/parquet/HF records (was --text-field)",
+    )
     p.add_argument(
         "--val-fraction",
         type=float,
         default=0.0,
-        help="fraction of documents routed to <output>/val, in [0, 1)",
+        help="fraction of documents routed to <store>/val, in [0, 1)",
     )
-    p.add_argument(
-        "--bad-records", choices=("skip", "error"), default="skip", help="skip (count, warn) or error"
+    _config_option(
+        p,
+        "--data.bad_records",
+        "bad_records",
+        choices=choice_fields()["data.bad_records"],
+        default=d.bad_records,
+        help="skip (count, warn) or error (was --bad-records)",
     )
-    p.add_argument(
-        "--max-bad-fraction",
+    _config_option(
+        p,
+        "--data.max_bad_fraction",
+        "max_bad_fraction",
         type=float,
-        default=0.5,
-        help="stop when more records than this fraction are bad, in (0, 1]",
+        default=d.max_bad_fraction,
+        metavar="X",
+        help="stop when more records than this fraction are bad, in (0, 1] (was --max-bad-fraction)",
     )
     p.add_argument(
         "--unit-mb",
         type=float,
-        default=64,
-        help=f"split the work into units (shards) of about this many MB, in [{MIN_UNIT_MB:.4g}, {MAX_UNIT_MB}]",
+        default=None,
+        help=f"split the work into units (shards) of about this many MB, in [{MIN_UNIT_MB:.4g}, {MAX_UNIT_MB}] "
+        "(default: sized from the input and --workers so every worker stays busy)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar, only a summary line")
     p.add_argument(
@@ -938,6 +1064,7 @@ def verify_store(path: str, workers: int = 0, log=None) -> list[str]:
 
 def cli(argv: list[str]) -> int:
     parser = _parser()
+    used = _spellings(argv)
     args = parser.parse_args(argv)
     if args.status:
         text, complete = status_text(args.status)
@@ -956,14 +1083,18 @@ def cli(argv: list[str]) -> int:
             return 1
         return 0
     if not args.input or not args.output:
-        parser.error("--input and --output are required (or --status STORE, or --verify STORE)")
-    if not MIN_UNIT_MB <= args.unit_mb <= MAX_UNIT_MB:  # also refuses nan and inf
+        parser.error(
+            "--data.inputs and --data.store (the store to write) are required (or --status STORE, "
+            "or --verify STORE)"
+        )
+    if args.unit_mb is not None and not MIN_UNIT_MB <= args.unit_mb <= MAX_UNIT_MB:  # also refuses nan, inf
         parser.error(
             f"--unit-mb {args.unit_mb} must be in [{MIN_UNIT_MB:.4g}, {MAX_UNIT_MB}] (MB per unit of work)"
         )
     if not 0 < args.max_bad_fraction <= 1:
         parser.error(
-            f"--max-bad-fraction {args.max_bad_fraction} must be in (0, 1] (a fraction of the records)"
+            f"{used.get('--data.max_bad_fraction', '--data.max_bad_fraction')} {args.max_bad_fraction} "
+            "must be in (0, 1] (a fraction of the records)"
         )
     if not 0 <= args.val_fraction < 1:
         parser.error(f"--val-fraction {args.val_fraction} must be in [0, 1) (a fraction of the documents)")
@@ -978,6 +1109,6 @@ def cli(argv: list[str]) -> int:
         bad_records=args.bad_records,
         max_bad_fraction=args.max_bad_fraction,
         progress=not args.no_progress and sys.stderr.isatty(),
-        unit_bytes=max(1, int(args.unit_mb * (1 << 20))),
+        unit_bytes=None if args.unit_mb is None else max(1, int(args.unit_mb * (1 << 20))),
     )
     return 0

@@ -28,6 +28,7 @@ CORPUS_EXTS = (".txt", ".md", ".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".pa
 JSONL_EXTS = (".jsonl", ".json", ".ndjson")
 COMPRESSED = {".gz": "gz", ".zst": "zst", ".zstd": "zst"}
 SAVED_DATASET_MARKERS = ("dataset_info.json", "state.json")
+BOM = "\ufeff"  # a UTF-8 byte order mark at the start of a text or jsonl file
 BLOCK = 8 << 20
 
 
@@ -422,6 +423,69 @@ def unit_bytes(unit: Unit) -> int:
     return stop - unit.start
 
 
+# automatic unit sizing: enough similar units that every worker stays busy to the end (a worker that
+# draws the last unit finishes at most one unit after the others), few enough that per-unit costs
+# (a shard, a record, a seek) stay negligible
+UNITS_PER_WORKER = 8
+MIN_AUTO_UNIT = 2 << 20
+MAX_AUTO_UNIT = 64 << 20
+MIN_SPLIT_UNIT = 256 << 10  # below this a worker costs more to start than it saves
+
+
+def input_bytes(paths: list[str]) -> int:
+    """On-disk bytes of the inputs (a folder: its files; hub names count 0): what unit sizing divides."""
+    total = 0
+    for p in paths:
+        if p.startswith("hf:"):
+            continue
+        try:
+            if os.path.isdir(p):
+                for top, _, names in os.walk(p):
+                    total += sum(os.path.getsize(os.path.join(top, n)) for n in names)
+            else:
+                total += os.path.getsize(p)
+        except OSError:
+            pass  # reported by the reader, with its own message
+    return total
+
+
+def auto_unit_bytes(total_bytes: int, workers: int) -> int:
+    """The unit size for `total_bytes` of input on `workers` workers: about UNITS_PER_WORKER units per
+    worker, within [MIN_AUTO_UNIT, MAX_AUTO_UNIT], but never fewer units than workers while each would
+    still hold MIN_SPLIT_UNIT. A pure function of its two arguments (a resumed prepare keeps its plan)."""
+    workers = max(1, int(workers))
+    if total_bytes <= 0:
+        return MAX_AUTO_UNIT
+    size = min(max(-(-total_bytes // (UNITS_PER_WORKER * workers)), MIN_AUTO_UNIT), MAX_AUTO_UNIT)
+    if total_bytes // size < workers:  # the minimum would leave workers idle: split finer
+        size = max(total_bytes // workers, MIN_SPLIT_UNIT)
+    n = max(1, (2 * total_bytes + size) // (2 * size))  # round(total / size) units ...
+    n = max(n, -(-total_bytes // MAX_AUTO_UNIT))
+    return -(-total_bytes // n)  # ... of equal size, so the last one is no small remainder
+
+
+def plan_tasks(units: list[Unit], target_bytes: int) -> list[list[Unit]]:
+    """Group consecutive units into about total/target_bytes tasks of balanced size (one shard each), so
+    a corpus of many small files does not become as many tiny shards and no task is a small remainder.
+    A unit joins the task its midpoint falls in; a unit bigger than a task is a task of its own. A pure
+    function of the unit list."""
+    if not units:
+        return []
+    sizes = [max(unit_bytes(u), 1) for u in units]
+    total = sum(sizes)
+    n = max(1, min(len(units), (2 * total + target_bytes) // (2 * target_bytes)))  # round(total / target)
+    tasks: list[list[Unit]] = []
+    last, done = -1, 0
+    for u, s in zip(units, sizes):
+        k = min(n - 1, (2 * done + s) * n // (2 * total))
+        if k != last:
+            tasks.append([])
+            last = k
+        tasks[-1].append(u)
+        done += s
+    return tasks
+
+
 # ---------------------------------------------------------------- bad records
 
 
@@ -477,7 +541,7 @@ class BadRecords:
             raise DataError(
                 f"{loc}: {msg}",
                 hint="fix the record, or count and skip bad records with bad_records = 'skip' "
-                "(flame prepare --bad-records skip / --data.bad_records skip)",
+                "(--data.bad_records skip, in flame train and flame prepare)",
             )
         self.bad_count += 1
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
@@ -496,7 +560,9 @@ class BadRecords:
             top = max(self.reasons, key=self.reasons.get)
             hint = "fix the inputs, or raise max_bad_fraction if this is expected"
             if top.startswith("missing field"):
-                hint = "set the field that holds the text (flame prepare --text-field / --data.text_field)"
+                hint = (
+                    "set the field that holds the text (--data.text_field, in flame train and flame prepare)"
+                )
             raise DataError(
                 f"corpus is mostly bad: {self.bad_count} of {self.seen} records could not be used "
                 f"({self._reasons()}); first: {self.first}",
@@ -519,7 +585,7 @@ class BadRecords:
         if self.good_count == 0:
             raise DataError(
                 f"no usable documents in {what}: {self.summary()}",
-                hint="check the inputs and the text field (--text-field / --data.text_field)",
+                hint="check the inputs and the text field (--data.text_field)",
             )
 
     def state_dict(self) -> dict:
@@ -680,6 +746,8 @@ def _read_text(unit: Unit, bad: BadRecords, start_offset: int | None) -> Iterato
         line = unit.record + data.count(b"\n", 0, e.start)
         bad.bad(unit.path, line, "invalid UTF-8", f"byte offset {unit.start + e.start}")
         return
+    if unit.start == 0 and text.startswith(BOM):  # an encoding mark some editors write, not text
+        text = text[1:]
     if not text:
         bad.empty()
         return
@@ -724,6 +792,8 @@ def _read_jsonl(unit: Unit, field: str, bad: BadRecords, start_offset: int | Non
             except UnicodeDecodeError as e:
                 bad.bad(path, rec, "invalid UTF-8", f"byte {pos + e.start}")
                 continue
+            if pos == 0 and s.startswith(BOM):  # json.loads refuses it: the first record would be lost
+                s = s[1:]
             try:
                 obj = json.loads(s)
             except ValueError as e:
@@ -790,7 +860,7 @@ def _check_column(path: str, field: str, names: list[str]) -> None:
     if field not in names:
         raise DataError(
             f"{path}: no column '{field}'; its columns are {names}",
-            hint="name the text column with --text-field (flame prepare) or --data.text_field",
+            hint="name the text column with --data.text_field (flame train or flame prepare)",
         )
 
 
@@ -801,6 +871,8 @@ def _read_parquet(unit: Unit, field: str, bad: BadRecords, start_offset: int | N
     schema = pf.schema_arrow
     _check_column(unit.path, field, schema.names)
     typ = schema.field(field).type
+    if pa.types.is_dictionary(typ):  # a dictionary-encoded (categorical) column reads as its values
+        typ = typ.value_type
     if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)):
         if not (pa.types.is_large_binary(typ) or str(typ) in ("string_view", "binary_view")):
             raise DataError(

@@ -76,14 +76,6 @@ def _atomic_write_json(path: Path, obj: Any, what: str = "") -> None:
         raise write_error(what or "file", path, e) from None
 
 
-def file_checksum(path: str | Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
 def damaged(path: str | Path, problem: str, hint: str | None = None) -> DataError:
     return DataError(
         f"store {path} is damaged: {problem}",
@@ -305,7 +297,7 @@ def finalize_store(store_dir: str | Path) -> dict:
     d = Path(store_dir)
     st = store_status(d)
     if st["parts"] == 0:
-        raise DataError(f"{d} has no prepared parts", hint="run `flame prepare --output` into it first")
+        raise DataError(f"{d} has no prepared parts", hint="run `flame prepare --data.store` into it first")
     if st["missing"]:
         raise DataError(
             f"store {d} is incomplete: parts {st['missing']} of {st['parts']} are missing",

@@ -46,7 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from flame.data.order import epoch_permutation, mix64
 from flame.data.sources import BadRecords, Unit, expand_inputs, kind_of, plan_units, read_unit
 from flame.data.tokenizer import Tokenizer
-from flame.errors import DataError, FlameError
+from flame.errors import ConfigError, DataError, FlameError
 
 STATE_VERSION = 1
 _MARK = "flame_stream"  # tags a stream's state inside torchdata's loader state
@@ -390,6 +390,7 @@ class StreamingLoader:
         num_workers: int,
         accum: int,
         fingerprint: str = "",
+        legacy_fingerprint: str = "",
         log=None,
     ):
         self.spec = spec
@@ -403,6 +404,7 @@ class StreamingLoader:
         self.global_batch = spec.batch_size * world_size * accum
         self.micro = 0
         self.fingerprint = fingerprint
+        self.legacy_fingerprint = legacy_fingerprint or fingerprint  # runs that saved relative paths
         self._states = [initial_state(self.first + w) for w in range(self.workers)]
         self._next_local = 0  # which local stream gives the next micro-batch
         self._live: TokenStream | None = None
@@ -442,6 +444,7 @@ class StreamingLoader:
             d.num_workers,
             cfg.train.grad_accum,
             fingerprint=data_fingerprint(spec, paths),
+            legacy_fingerprint=data_fingerprint(spec, paths, relative=True),
             log=print if world.is_main else (lambda m: None),
         )
 
@@ -528,20 +531,8 @@ class StreamingLoader:
             raise DataError(
                 f"the checkpoint's data state is of kind {state.get('kind')!r}, this run reads {self.kind}"
             )
-        layout = (state["world_size"], state["workers"])
-        problem = None
-        if layout != (self.world_size, self.workers):
-            problem = (
-                f"the checkpoint's streaming position belongs to {layout[0]} process(es) with "
-                f"{layout[1]} stream(s) each (data.num_workers); this run has {self.world_size} with "
-                f"{self.workers}, and streams cannot be re-split"
-            )
-            hint = (
-                "resume with the same number of processes and --data.num_workers, use a prepared store "
-                "(--data.store; it resumes on any world size), or pass --checkpoint.allow_config_change true "
-                "to restart the streams at the next epoch boundary"
-            )
-        elif state["fingerprint"] != self.fingerprint:
+        problem, hint = layout_problem(state, self.world_size, self.workers) or (None, None)
+        if problem is None and state["fingerprint"] not in (self.fingerprint, self.legacy_fingerprint):
             problem = "the data (inputs, tokenizer, context length, window, seed or shuffle) differs from the checkpoint's"
             hint = "resume with the same data settings, or pass --checkpoint.allow_config_change true"
         self._reset()
@@ -572,10 +563,53 @@ class StreamingLoader:
         self._dl_yielded = 0
 
 
-def data_fingerprint(spec: StreamSpec, paths: list[str]) -> str:
-    """What the sample stream depends on (not the batch size or the varlen layout)."""
+def layout_problem(state: dict, world_size: int, workers: int) -> tuple[str, str] | None:
+    """(problem, hint) when a saved streaming position belongs to another layout (processes x streams
+    per process), else None. Streams cannot be re-split: the hint names the resume that works, the
+    checkpoint's own layout, and the way to keep this one (the streams restart at an epoch boundary)."""
+    saved = (state.get("world_size"), state.get("workers"))
+    if state.get("kind") != StreamingLoader.kind or None in saved or saved == (world_size, workers):
+        return None
+    w0, k0 = saved
+    where = (
+        "in one process (no torchrun)" if w0 == 1 else f"on {w0} processes (torchrun --nproc_per_node {w0})"
+    )
+    nw = f"--data.num_workers {k0}" if k0 > 1 else "--data.num_workers 0 (or 1)"
+    problem = (
+        f"the checkpoint's streaming position belongs to {w0} process(es) with {k0} stream(s) each "
+        f"(data.num_workers); this run has {world_size} with {workers}, and streams cannot be re-split"
+    )
+    hint = (
+        f"resume {where} with {nw}, as the checkpoint was taken; or pass --checkpoint.allow_config_change "
+        "true to keep this layout and restart the streams at the next epoch boundary (a run that must "
+        "change its world size mid-way is better fed from a prepared store, --data.store)"
+    )
+    return problem, hint
+
+
+def check_resume_layout(state: dict, world_size: int, num_workers: int) -> None:
+    """Refuse a streaming resume on another layout with the fix that works (ConfigError, exit 2).
+
+    Called before anything else about the resume is worked out: on another world size the trainer
+    would otherwise first suggest a data.batch_size that keeps the global batch, and then refuse
+    that too, because the streams themselves cannot move."""
+    found = layout_problem(state, world_size, max(1, num_workers))
+    if found is not None:
+        raise ConfigError(f"{found[0]}: {found[1]}")
+
+
+def data_fingerprint(spec: StreamSpec, paths: list[str], relative: bool = False) -> str:
+    """What the sample stream depends on (not the batch size or the varlen layout). Input paths count
+    as absolute paths, so the same files named relatively or absolutely give one fingerprint;
+    `relative` gives the form runs saved before flame recorded absolute paths."""
     h = hashlib.sha256()
-    h.update(json.dumps([asdict(u) for u in spec.units]).encode())
+    units = []
+    for u in spec.units:
+        d = asdict(u)
+        if not d["path"].startswith("hf:") and os.path.exists(d["path"]):
+            d["path"] = os.path.relpath(d["path"]) if relative else os.path.abspath(d["path"])
+        units.append(d)
+    h.update(json.dumps(units).encode())
     h.update(json.dumps([os.path.getsize(p) if os.path.isfile(p) else -1 for p in paths]).encode())
     settings = (
         spec.tokenizer.fingerprint,
@@ -591,6 +625,8 @@ def data_fingerprint(spec: StreamSpec, paths: list[str]) -> str:
 
 __all__ = [
     "StreamingLoader",
+    "check_resume_layout",
+    "layout_problem",
     "StreamDataset",
     "StreamSpec",
     "TokenStream",
