@@ -319,6 +319,18 @@ def test_store_does_not_depend_on_the_worker_count(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_text_file_stays_one_document_whatever_the_workers(tmp_path):
+    """A .txt file is one document: automatic units (sized for the worker count) never cut it, so
+    its tokens, its one EOS and the document count are the same for one worker and for four."""
+    f = tmp_path / "book.txt"
+    f.write_text("".join(f"line {i} of a long book, é and 東京\n" for i in range(40_000)))  # ~1.4 MB
+    m1 = quiet_prepare([str(f)], tmp_path / "w1", workers=1, unit_bytes=None)
+    m4 = quiet_prepare([str(f)], tmp_path / "w4", workers=4, unit_bytes=None)
+    assert m1["num_documents"] == m4["num_documents"] == 1
+    assert np.array_equal(store_tokens(tmp_path / "w1", m1), store_tokens(tmp_path / "w4", m4))
+
+
+@pytest.mark.slow
 def test_resume_keeps_the_recorded_automatic_plan(tmp_path):
     f = _jsonl(tmp_path / "one.jsonl", 1 << 20)
     out = tmp_path / "s"

@@ -46,6 +46,13 @@ def test_absolute_paths_resolve_existing_paths_and_leave_names(tmp_path):
     assert [p for _, p, _ in after] == [str(tmp_path / "stores/web"), str(tmp_path / "other/web")]
     assert d["data"]["mix"] == "stores/web:0.7,code=stores/code:0.3"  # the input is not modified
 
+    d = Config().to_dict()
+    d["data"]["inputs"] = ["*.txt", "nothing-*.txt", "~/corpus"]
+    d["data"]["cache_dir"] = "cache-made-later"
+    out = absolute_paths(d, tmp_path)
+    assert out["data"]["inputs"] == [str(tmp_path / "*.txt"), "nothing-*.txt", os.path.expanduser("~/corpus")]
+    assert out["data"]["cache_dir"] == str(tmp_path / "cache-made-later")
+
 
 def test_absolute_paths_is_idempotent_and_keeps_presets(tmp_path):
     d = Config().to_dict()
@@ -124,3 +131,102 @@ def test_commands_work_from_another_folder_and_refuse_another_tokenizer(tmp_path
     assert main(["generate", str(run), *args]) == 1
     err = capsys.readouterr().err
     assert "is not the one the checkpoint was trained with" in err and "Traceback" not in err
+
+
+def _rename_raw_source(run: Path, new: str) -> None:
+    """Rewrite a run's data plan (data_plan.json and its checkpoints' trainer.json, resealed) so its raw
+    inputs' source has the name flame gave it before the shared cache: the store's folder name."""
+    import json
+
+    from flame.checkpoint import list_checkpoints
+    from flame.files import file_checksum
+
+    def rename(plan: dict) -> None:
+        for src in plan["sources"]:
+            src["name"] = new
+        for ph in plan["phases"]:
+            (weight,) = ph["mix"].values()  # one source
+            ph["mix"] = {new: weight}
+
+    plan = json.loads((run / "data_plan.json").read_text())
+    rename(plan)
+    (run / "data_plan.json").write_text(json.dumps(plan))
+    for ck in list_checkpoints(run / "checkpoints"):
+        state = json.loads((ck / "trainer.json").read_text())
+        rename(state["data"]["plan"])
+        state["config"]["data"]["cache_dir"] = ""
+        (ck / "trainer.json").write_text(json.dumps(state))
+        marker = json.loads((ck / "COMPLETE").read_text())
+        f = ck / "trainer.json"
+        marker["files"]["trainer.json"] = {"size": f.stat().st_size, "sha256": file_checksum(f)}
+        (ck / "COMPLETE").write_text(json.dumps(marker))
+
+
+@pytest.mark.slow
+def test_a_run_begun_before_the_shared_cache_resumes_on_its_own_store(tmp_path, corpus, capsys):
+    """A run that prepared its raw inputs into <run_dir>/data (flame before the shared cache) resumes on
+    that store, under its old source name: the same batches as an uninterrupted run, no new phase."""
+    import json
+
+    from conftest import metrics, tiny_overrides
+
+    from flame.config import load_config
+    from flame.trainer import run_training
+
+    ref, old = tmp_path / "ref", tmp_path / "old"
+    run_training(load_config(overrides=tiny_overrides(ref, corpus, **{"train.max_steps": 6})))
+    over = tiny_overrides(old, corpus, **{"train.max_steps": 3, "data.cache_dir": str(old / "data")})
+    run_training(load_config(overrides=over))
+    store = next((old / "data").glob("store-*"))
+    _rename_raw_source(old, store.name)
+    capsys.readouterr()
+    run_training(load_config(overrides=tiny_overrides(old, corpus, **{"train.max_steps": 6})))
+    assert "reusing the store this run trained on" in capsys.readouterr().out
+    plan = json.loads((old / "data_plan.json").read_text())
+    assert [s["name"] for s in plan["sources"]] == [store.name] and len(plan["phases"]) == 1
+    assert [r["loss"] for r in metrics(old, "train")] == [r["loss"] for r in metrics(ref, "train")]
+
+
+@pytest.mark.slow
+def test_resume_with_another_tokenizer_at_the_same_path_is_refused(tmp_path, corpus):
+    """data.tokenizer names the same file, which now holds another tokenizer: refused, not trained on."""
+    import shutil
+
+    import pytest
+    from conftest import tiny_overrides
+
+    from flame.config import load_config
+    from flame.errors import CheckpointError
+    from flame.trainer import run_training
+
+    docs = [p.read_text() for p in sorted(corpus.glob("*.txt"))]
+    _bpe(tmp_path / "tok", docs, 300)
+    over = tiny_overrides(
+        tmp_path / "r", corpus, **{"data.tokenizer": str(tmp_path / "tok"), "train.max_steps": 2}
+    )
+    run_training(load_config(overrides=over))
+    shutil.rmtree(tmp_path / "tok")
+    _bpe(tmp_path / "tok", [d[::-1] for d in docs], 300)
+    over["train.max_steps"] = 4
+    with pytest.raises(CheckpointError, match="resuming would change the tokenizer"):
+        run_training(load_config(overrides=over))
+
+
+def test_a_lock_written_on_another_host_is_probed_not_trusted(tmp_path):
+    """`flame status` on a shared filesystem: a lock file naming another node is held only if the lock
+    itself is taken (this host's /proc/locks cannot see the other node's processes)."""
+    import fcntl
+    import json
+
+    from flame.runguard import RunLock
+
+    lock = RunLock(tmp_path)
+    lock.path.write_text(json.dumps({"pid": 4242, "host": "another-node"}))
+    assert lock.holder() is None  # written by a run that is gone
+    fd = os.open(lock.path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as that node's live run holds it
+    try:
+        assert lock.holder() == {"pid": 4242, "host": "another-node"}
+    finally:
+        os.close(fd)
+    assert lock.holder() is None

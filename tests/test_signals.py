@@ -119,3 +119,28 @@ def test_second_sigint_exits_at_once(tmp_path, corpus):
     assert "received SIGINT" not in out  # it did not wait for the step to end
     assert [r["step"] for r in _records(run)] == [1]
     assert list_checkpoints(run / "checkpoints") == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_loader_workers_checkpoints(tmp_path, corpus):
+    """A terminal's Ctrl-C reaches every process of the group, loader workers included: the workers
+    ignore it and the main process checkpoints, rather than crashing on a worker that died of it."""
+    import os
+
+    run = tmp_path / "run"
+    cfg = _config(tmp_path, corpus, run, 0.3)
+    proc = subprocess.Popen(
+        [*_train(cfg), "--data.num_workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        start_new_session=True,
+    )
+    _wait_for_step(run, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err and "received SIGINT" in out
+    stopped = _records(run)[-1]["step"]
+    assert list_checkpoints(run / "checkpoints")[-1].name == f"step-{stopped:08d}"

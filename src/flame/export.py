@@ -60,9 +60,11 @@ def export(
     if out.exists() and not out.is_dir():
         raise FlameError(f"--out {out} is a file, not a directory", hint="choose another --out")
     ckpt = find_checkpoint(run_dir, step, checksums=True, log=lambda m: print(m, file=sys.stderr))
-    _check_out(out, [Path(run_dir), ckpt, ckpt.parent.parent], force)
+    # the run directory around it, when it lies in one (a checkpoint directory may stand alone)
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    _check_out(out, [Path(run_dir), ckpt, run], force)
     cfg, state = _saved_config(ckpt)
-    run = ckpt.parent.parent
+    print(f"exporting {ckpt}", file=sys.stderr)
     tok = run_tokenizer(run, cfg, state)
     torch.manual_seed(0)
     model = build_for_export(cfg, tok.vocab_size)
@@ -172,7 +174,7 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     a = p.parse_args(argv)
     out = export(a.run_dir, a.out, a.step, a.dtype, a.force)
-    print(f"exported {find_checkpoint(a.run_dir, a.step)} to {out} ({a.dtype})")
+    print(f"exported to {out} ({a.dtype})")
     print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})")
     print(f"continue pretraining from it: flame train --model.init_from {out} ...")
     return 0

@@ -300,7 +300,7 @@ def cpu_group(world: World):
 
 
 def on_main_rank(world: World, fn):
-    """Run `fn` on rank 0 only; when it raises a FlameError, every rank raises one.
+    """Run `fn` on rank 0 only; when it raises, every rank raises (a FlameError on the others).
 
     The other ranks would otherwise wait in their next collective for a rank that has left.
     Returns fn's result on rank 0, None elsewhere.
@@ -309,9 +309,14 @@ def on_main_rank(world: World, fn):
     if world.is_main:
         try:
             result = fn()
-        except FlameError as e:
+        except Exception as e:  # any failure: the others must not wait for a rank that has left
             error = e
-    failure = None if error is None else (error.message, error.hint)
+    if error is None:
+        failure = None
+    elif isinstance(error, FlameError):
+        failure = (error.message, error.hint)
+    else:
+        failure = (f"{type(error).__name__}: {error}", None)
     if world.distributed:
         box = [failure]
         dist.broadcast_object_list(box, src=0)

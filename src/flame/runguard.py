@@ -73,6 +73,22 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
+    def _held_elsewhere(self) -> bool:
+        """Whether some process holds the lock: try a shared lock without waiting, release at once."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        finally:
+            os.close(fd)
+
     def holder(self) -> dict | None:
         """{"pid", "host"} of the live process that holds the lock, without taking it (for
         `flame status`); None when none does. Linux: the kernel's table of flock locks
@@ -83,6 +99,11 @@ class RunLock:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return None
         owner = owner if isinstance(owner, dict) else {}
+        host = owner.get("host")
+        if isinstance(host, str) and host and host != socket.gethostname():
+            # another node's process: this host's lock table cannot see it, so only a probe of the
+            # lock itself tells (flock on a shared filesystem); an unreleased lock means held there
+            return {"pid": owner.get("pid"), "host": host} if self._held_elsewhere() else None
         inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
         try:
             table = Path("/proc/locks").read_text()

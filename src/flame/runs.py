@@ -9,11 +9,12 @@ starts, and the run keeps a copy of its tokenizer in `<run_dir>/tokenizer/`.
 from __future__ import annotations
 
 import copy
+import glob
 import os
 import shutil
 from pathlib import Path
 
-from flame.errors import FlameError
+from flame.errors import CheckpointError, FlameError
 
 TOKENIZER_DIR = "tokenizer"
 _PATH_KEYS = (
@@ -24,14 +25,21 @@ _PATH_KEYS = (
     ("eval", "store"),
     ("checkpoint", "load"),
 )
+_ALWAYS = {("data", "cache_dir"), ("checkpoint", "load")}  # paths, never names: absolute even if absent
 
 
-def _abs(value: str, base: Path) -> str:
-    """`value` as an absolute path when it names something that exists relative to `base`."""
-    if not value or os.path.isabs(value) or value.startswith("hf:"):
+def _abs(value: str, base: Path, always: bool = False) -> str:
+    """`value` as an absolute path when it names something that exists relative to `base` (or a glob
+    that matches there); `always` for folders made later (a cache directory)."""
+    if not value or value.startswith("hf:"):
+        return value
+    value = os.path.expanduser(value) if value.startswith("~") else value
+    if os.path.isabs(value):
         return value
     p = base / value
-    return str(p.resolve()) if p.exists() else value
+    if always or p.exists() or (any(c in value for c in "*?[") and glob.glob(str(p), recursive=True)):
+        return os.path.normpath(str(base.resolve() / value))
+    return value
 
 
 def _abs_model_name(name: str, base: Path) -> str:
@@ -70,7 +78,7 @@ def absolute_paths(d: dict, base: str | Path | None = None) -> dict:
     d = copy.deepcopy(d)
     for section, key in _PATH_KEYS:
         if isinstance(d.get(section, {}).get(key), str):
-            d[section][key] = _abs(d[section][key], base)
+            d[section][key] = _abs(d[section][key], base, always=(section, key) in _ALWAYS)
     model = d.get("model", {})
     if isinstance(model.get("name"), str):
         model["name"] = _abs_model_name(model["name"], base)
@@ -104,14 +112,20 @@ def save_run_tokenizer(tok, run_dir: Path) -> None:
     from flame.data.tokenizer import load_tokenizer
 
     final = Path(run_dir) / TOKENIZER_DIR
+    old = None
     try:
-        if load_tokenizer(str(final)).fingerprint == tok.fingerprint:
+        old = load_tokenizer(str(final)).fingerprint
+        if old == tok.fingerprint:
             return
     except Exception:  # absent or unreadable: write it
         pass
     tmp = Path(run_dir) / f"{TOKENIZER_DIR}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tok.save_pretrained(str(tmp))
+    if old is not None:  # a resume allowed to change it: earlier checkpoints keep theirs
+        kept = Path(run_dir) / f"{TOKENIZER_DIR}-{old[:12]}"
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(final, kept)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -123,7 +137,10 @@ def run_tokenizer(run_dir: str | Path, cfg, state: dict | None = None):
     from flame.data.build import resolve_tokenizer
     from flame.data.tokenizer import load_tokenizer
 
+    want = ((state or {}).get("tokenizer") or {}).get("fingerprint")
     copy_dir = Path(run_dir) / TOKENIZER_DIR
+    if want and (Path(run_dir) / f"{TOKENIZER_DIR}-{want[:12]}").is_dir():  # replaced by a later resume
+        copy_dir = Path(run_dir) / f"{TOKENIZER_DIR}-{want[:12]}"
     if copy_dir.is_dir():
         try:
             tok = load_tokenizer(str(copy_dir))
@@ -144,7 +161,6 @@ def run_tokenizer(run_dir: str | Path, cfg, state: dict | None = None):
                     "the tokenizer",
                 ) from None
             tok = load_tokenizer(str(stores[0]))
-    want = ((state or {}).get("tokenizer") or {}).get("fingerprint")
     if want and tok.fingerprint != want:
         raise FlameError(
             f"the tokenizer {tok.spec!r} (fingerprint {tok.fingerprint[:12]}) is not the one the checkpoint "
@@ -152,3 +168,15 @@ def run_tokenizer(run_dir: str | Path, cfg, state: dict | None = None):
             hint=f"restore the run's {copy_dir} or the file its data.tokenizer names",
         )
     return tok
+
+
+def check_same_tokenizer(saved: dict, tok, allow_change: bool) -> None:
+    """Refuse a resume whose tokenizer is not the checkpoint's (the same path may hold another file)."""
+    want = (saved.get("tokenizer") or {}).get("fingerprint")
+    if want and tok.fingerprint != want and not allow_change:
+        raise CheckpointError(
+            f"resuming would change the tokenizer: {tok.spec!r} has fingerprint {tok.fingerprint[:12]}, the "
+            f"checkpoint's has {want[:12]}",
+            hint="resume with the tokenizer the run trained with (a copy is in the run's tokenizer/ folder), "
+            "or pass --checkpoint.allow_config_change true",
+        )

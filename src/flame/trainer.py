@@ -43,7 +43,7 @@ from flame.parallel import (
     wrap_model,
 )
 from flame.runguard import RunLock, StopSignals, check_resume_compatible, stop_signals
-from flame.runs import save_run_tokenizer, with_absolute_paths
+from flame.runs import check_same_tokenizer, save_run_tokenizer, with_absolute_paths
 from flame.runsetup import (
     FROZEN_KEYS,
     append_start,
@@ -97,6 +97,8 @@ class Trainer:
                 check_resume_layout(saved.get("data", {}), world.world_size, cfg.data.num_workers)
             keep_global_batch(cfg, world.world_size, saved, self._say)
         self.tok = resolve_tokenizer(cfg)
+        if resume_from is not None:
+            check_same_tokenizer(saved, self.tok, cfg.checkpoint.allow_config_change)
         # the model is resolved before any corpus is read: a wrong model costs seconds, not a prepare
         seed_everything(cfg.train.seed)
         self.strategy = strategy_of(cfg.parallel, world)

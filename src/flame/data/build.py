@@ -342,6 +342,32 @@ def config_plan(cfg: Config, world_size: int):
         raise DataError(f"data.phases: {e}") from None
 
 
+# The source name of raw data.inputs: fixed, so that inputs edited between a stop and a resume (another
+# content-addressed store) are a changed source the resume refuses, not a new source it adds.
+RAW_SOURCE = "inputs"
+
+
+def _earlier_raw_store(run_dir: Path, cfg: Config) -> tuple[str, Path] | None:
+    """(name, path) of the store a run begun before the shared cache prepared into <run_dir>/data, as its
+    data_plan.json records it; None for any other run."""
+    plan_file = Path(run_dir) / "data_plan.json"
+    if cfg.data.cache_dir or not plan_file.is_file():
+        return None
+    try:
+        sources = json.loads(plan_file.read_text())["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if len(sources) != 1 or not isinstance(sources[0], dict):
+        return None
+    name, path = sources[0].get("name"), Path(str(sources[0].get("path", "")))
+    inside = Path(run_dir).resolve() / "data"
+    if name == RAW_SOURCE or not (path / "manifest.json").is_file():
+        return None
+    if path.resolve().parent != inside:
+        return None
+    return str(name), path
+
+
 def build_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=print):
     """The training loader of this rank."""
     d = cfg.data
@@ -365,7 +391,13 @@ def build_loader(cfg: Config, world: World, run_dir: Path, tok: Tokenizer, log=p
     elif d.store:
         stores = [open_store(d.store, tok)]
     else:
-        stores = [open_store(prepared_store(inputs_of(cfg), cfg, tok, run_dir, world, log), tok)]
+        earlier = _earlier_raw_store(run_dir, cfg)
+        if earlier is not None:  # a run begun before the shared cache keeps the store it trained on
+            name, path = earlier
+            log(f"data: reusing the store this run trained on, {path}")
+        else:
+            name, path = RAW_SOURCE, prepared_store(inputs_of(cfg), cfg, tok, run_dir, world, log)
+        stores, names = [open_store(path, tok)], [name]
     loader = PreparedLoader.from_config(
         cfg, stores, rank=world.rank, world=world.world_size, weights=weights, names=names, plan=plan
     )

@@ -291,6 +291,8 @@ class PreparedLoader:
                 yield b
         from torchdata.stateful_dataloader import StatefulDataLoader
 
+        from flame.data.order import ignore_stop_signals
+
         self.batches.start = self.micro
         dl = StatefulDataLoader(
             self.batches,
@@ -298,6 +300,7 @@ class PreparedLoader:
             num_workers=self.num_workers,
             prefetch_factor=4,
             persistent_workers=False,
+            worker_init_fn=ignore_stop_signals,
         )
         for b in dl:
             for s in self.stores:  # the background checksum runs here, not in the workers

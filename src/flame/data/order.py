@@ -317,3 +317,13 @@ def samples_at(ks: np.ndarray, n: int, seed: int, shuffle: bool = True) -> tuple
         uniq, inv = np.unique(epochs, return_inverse=True)
         out = _permute(ulocal, n, round_keys(seed, uniq, _ROUNDS)[:, inv.ravel()])
     return epochs.reshape(shape), out.reshape(shape)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A loader worker's `worker_init_fn`: Ctrl-C and SIGTERM reach the whole process group, but
+    only the main process acts on them (it checkpoints at the end of the step, then stops the
+    workers); a worker dying of the signal first would turn that into a crash."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)

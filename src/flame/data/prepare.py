@@ -35,6 +35,7 @@ import numpy as np
 
 from flame.data import store
 from flame.data.sources import (
+    TEXT_UNIT_BYTES,
     BadRecords,
     Doc,
     Unit,
@@ -613,6 +614,7 @@ def _prepare_locked(
         "num_parts": n_parts,
     }
     how = "unit size given"
+    text_bytes = None if unit_bytes is not None else TEXT_UNIT_BYTES  # documents never follow the plan
     if unit_bytes is None:
         unit_bytes, how = _recorded_unit_bytes(out, settings), "as recorded when this store was begun"
         if unit_bytes is None:
@@ -620,7 +622,7 @@ def _prepare_locked(
             unit_bytes = auto_unit_bytes(input_bytes(paths), sized_for)
             how = f"automatic for {sized_for} worker(s)"
         settings["unit_bytes"] = unit_bytes
-    units = plan_units(paths, unit_bytes)
+    units = plan_units(paths, unit_bytes, text_bytes)
     _check_settings(out, settings)
     _save_tokenizer_copy(tok, out)
 

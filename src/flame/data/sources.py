@@ -366,14 +366,20 @@ def _load_saved(path: str):
     return ds
 
 
-def plan_units(paths: list[str], target_bytes: int = 64 << 20) -> list[Unit]:
+TEXT_UNIT_BYTES = 64 << 20  # a .txt file is one document up to this size (prepare and streaming alike)
+
+
+def plan_units(paths: list[str], target_bytes: int = 64 << 20, text_bytes: int | None = None) -> list[Unit]:
     """Split inputs into units of about target_bytes: byte ranges of big uncompressed text/jsonl files,
-    groups of parquet row groups, row ranges of saved datasets; compressed files and hub datasets whole."""
+    groups of parquet row groups, row ranges of saved datasets; compressed files and hub datasets whole.
+    Text files split at `text_bytes` (default target_bytes): each piece of one is a document, so a plan
+    sized for the worker count must not cut them."""
     if target_bytes < 1:
         raise ValueError("target_bytes must be positive")
     units: list[Unit] = []
     for path in paths:
         kind = kind_of(path)
+        limit = text_bytes if (text_bytes and kind == "text") else target_bytes
         if path.startswith("hf:"):
             units.append(Unit(path, kind))
         elif kind == "hf":
@@ -391,10 +397,10 @@ def plan_units(paths: list[str], target_bytes: int = 64 << 20) -> list[Unit]:
                 if size >= target_bytes or g == meta.num_row_groups - 1:
                     units.append(Unit(path, kind, g0, g + 1, row0))
                     g0, row0, size = g + 1, rows, 0
-        elif _compression(path) or os.path.getsize(path) <= target_bytes:
+        elif _compression(path) or os.path.getsize(path) <= limit:
             units.append(Unit(path, kind))
         else:
-            starts = _line_starts(path, target_bytes)
+            starts = _line_starts(path, limit)
             for i, (start, line) in enumerate(starts):
                 stop = starts[i + 1][0] if i + 1 < len(starts) else -1
                 units.append(Unit(path, kind, start, stop, line))

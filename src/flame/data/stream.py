@@ -44,7 +44,15 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from flame.data.order import epoch_permutation, mix64
-from flame.data.sources import BadRecords, Unit, expand_inputs, kind_of, plan_units, read_unit
+from flame.data.sources import (
+    TEXT_UNIT_BYTES,
+    BadRecords,
+    Unit,
+    expand_inputs,
+    kind_of,
+    plan_units,
+    read_unit,
+)
 from flame.data.tokenizer import Tokenizer
 from flame.errors import ConfigError, DataError, FlameError
 
@@ -64,7 +72,7 @@ def streaming_units(paths: list[str]) -> list[Unit]:
     target = min(_MAX_UNIT, max(_MIN_UNIT, total // 64))
     text = [p for p in paths if kind_of(p) == "text"]
     rest = [p for p in paths if kind_of(p) != "text"]
-    units = plan_units(text, _MAX_UNIT) + plan_units(rest, target)
+    units = plan_units(text, TEXT_UNIT_BYTES) + plan_units(rest, target)
     return sorted(units, key=lambda u: (u.path, u.start))
 
 
@@ -463,6 +471,8 @@ class StreamingLoader:
                 yield b
         from torchdata.stateful_dataloader import StatefulDataLoader
 
+        from flame.data.order import ignore_stop_signals
+
         ds = StreamDataset(self.spec, self.first, [dict(s) for s in self._states], self._next_local)
         with warnings.catch_warnings():  # torchdata's own deprecation noise, nothing the user can act on
             warnings.filterwarnings("ignore", message=".*set_vital.*")
@@ -472,6 +482,7 @@ class StreamingLoader:
                 num_workers=self.num_workers,
                 prefetch_factor=4,
                 persistent_workers=False,
+                worker_init_fn=ignore_stop_signals,
                 snapshot_every_n_steps=1,  # each batch carries its worker's stream state
             )
         self._dl_yielded = 0
