@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import run_torchrun, tiny_overrides, write_config
+from conftest import metrics, run_torchrun, tiny_overrides, write_config
 
 
 def _batches(run_dir, rank):
@@ -26,6 +26,6 @@ def test_ddp_two_processes_disjoint_batches(tmp_path, corpus):
         assert x["step"] == y["step"]
         assert not set(x["samples"]) & set(y["samples"])
         assert x["sha"] != y["sha"]
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]  # rank 0 only writes
-    assert metrics[-1]["tokens"] == 4 * 2 * 4 * 64
+    recs = metrics(run)
+    assert [m["step"] for m in recs] == [1, 2, 3, 4]  # rank 0 only writes
+    assert recs[-1]["tokens"] == 4 * 2 * 4 * 64

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import LOREM, TINY
+from conftest import LOREM, TINY, metrics
 from torch import nn
 
 from flame.config import load_config
@@ -398,7 +398,7 @@ def test_trainer_logs_per_source_eval_with_phases(tmp_path):
     over.update({"data.phases": _phases(noise, text), "eval.batches": 0, "checkpoint.interval": 4})
     cfg = load_config(overrides=over)
     run_training(cfg)
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run)
     evals = [r for r in recs if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]
     assert all(set(r["sources"]) == {"rand", "text"} for r in evals)

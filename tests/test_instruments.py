@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LOREM, tiny_overrides, write_config
+from conftest import LOREM, metrics, tiny_overrides, write_config
 
 from flame.cli import main
 from flame.config import load_config
@@ -22,7 +22,7 @@ TOKENS_PER_STEP = 4 * 64  # data.batch_size x data.context_len of tiny_overrides
 
 
 def _records(run_dir, kind="train"):
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run_dir)
     return [r for r in recs if r["kind"] == kind]
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import final_weights, run_distributed, tiny_overrides
+from conftest import final_weights, metrics, run_distributed, tiny_overrides
 
 import flame.loss as loss_mod
 from flame.config import load_config
@@ -144,7 +144,7 @@ def test_logged_loss_is_the_token_mean_of_documents_run_alone(tmp_path, uneven_c
         )
     )
     run_training(cfg)
-    rec = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][0]
+    rec = metrics(tmp_path / "run")[0]
     assert rec["target_tokens"] == count
     assert abs(rec["loss"] - total / count) < 1e-5
 
@@ -193,7 +193,7 @@ def _stop_at(step):
 
 
 def _records(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics(run_dir)
 
 
 def test_spike_guard_resume_is_exact(tmp_path, corpus):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import metrics, tiny_overrides
 from zoo import ZOO, write_config
 
 from flame.cli import main
@@ -147,7 +147,7 @@ def runs(assets, tmp_path_factory):
 
 
 def _losses(run_dir) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run_dir)
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 

@@ -4,14 +4,13 @@ attention implementation; mistakes are ConfigErrors before any data; varlen is p
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import metrics, tiny_overrides
 from torch import nn
 from zoo import NO_ATTENTION, ZOO, write_config
 
@@ -463,7 +462,7 @@ def _train_losses(run_dir: Path, overrides: dict) -> dict[int, float]:
     from flame.trainer import run_training
 
     run_training(load_config(overrides=overrides))
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run_dir)
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides, write_config
+from conftest import metrics, tiny_overrides, write_config
 
 from flame.checkpoint import Checkpointer, list_checkpoints
 from flame.config import load_config
@@ -188,7 +188,7 @@ def test_nan_steps_are_skipped_then_stop(tmp_path, corpus, capsys):
     )
     r = run_training(load_config(overrides=over))
     assert r["stopped"] == "done"
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run)
     assert recs[-1]["bad_steps"] == 1
     assert "step 3 skipped" in capsys.readouterr().out
     assert all(torch.isfinite(torch.tensor(x["loss"])) or x["step"] == 3 for x in recs)

@@ -15,7 +15,7 @@ import time
 import matplotlib.image as mpimg
 import pytest
 import torch
-from conftest import final_weights, tiny_overrides
+from conftest import final_weights, metrics, tiny_overrides
 
 from flame.cli import main
 from flame.config import load_config
@@ -24,7 +24,7 @@ from flame.trainer import run_training
 
 
 def _records(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics(run_dir)
 
 
 def _stop_at(step):

@@ -1,9 +1,7 @@
 """Changes flame allows on resume take effect; non-finite or out-of-range knobs are refused."""
 
-import json
-
 import pytest
-from conftest import tiny_overrides
+from conftest import metrics, tiny_overrides
 
 from flame.config import _SECTION_TYPES, _field_types, load_config
 from flame.errors import ConfigError
@@ -12,7 +10,7 @@ from flame.trainer import Trainer, run_training
 
 
 def _lrs(run_dir):
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run_dir)
     return {r["step"]: r["lr"] for r in recs if r["kind"] == "train"}
 
 

@@ -1,10 +1,9 @@
 """No silent restart from step 0, and a rewind (--checkpoint.load an earlier step) that sticks."""
 
 import hashlib
-import json
 
 import pytest
-from conftest import tiny_overrides, write_config
+from conftest import metrics, tiny_overrides, write_config
 
 from flame.checkpoint import list_checkpoints
 from flame.cli import main
@@ -94,7 +93,7 @@ def test_rewind_continues_the_new_branch(tmp_path, corpus, capsys):
     # the next automatic resume continues the new branch (its lr), not the old step 8
     r = run_training(load_config(overrides={**over, "train.max_steps": 10, "optim.lr": 1e-3}))
     assert r["step"] == 10
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run)
     assert [x["step"] for x in recs if x["kind"] == "train"] == list(range(1, 11))
     from flame.checkpoint import read_trainer_state
 

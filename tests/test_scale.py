@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LOREM, run_torchrun, tiny_overrides, write_config
+from conftest import LOREM, metrics, run_torchrun, tiny_overrides, write_config
 
 from flame.config import load_config
 from flame.errors import CheckpointError, ConfigError
@@ -62,7 +62,7 @@ def _torchrun(nproc: int, tmp: Path, run: Path, corpus: Path, **extra) -> subpro
 
 
 def _losses(run: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run)
     out = {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
     assert list(out) == list(range(1, len(out) + 1))  # one line per step, no gap, no duplicate
     return out

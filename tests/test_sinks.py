@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import LOREM, tiny_overrides
+from conftest import LOREM, metrics, tiny_overrides
 
 from flame.config import load_config
 from flame.logging import sink_scalars
@@ -18,7 +18,7 @@ WANTED = ("tokens", "epoch", "data_wait", "memory_gib", "tokens_per_s_per_device
 
 
 def _records(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return metrics(run_dir)
 
 
 def _same(a: float, b: float, rel: float) -> bool:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import final_weights, tiny_overrides
+from conftest import final_weights, metrics, tiny_overrides
 
 from flame.checkpoint import list_checkpoints
 from flame.config import load_config
@@ -10,7 +10,7 @@ from flame.trainer import run_training
 
 
 def _losses(run_dir):
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = metrics(run_dir)
     return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}, recs
 
 

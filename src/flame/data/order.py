@@ -320,10 +320,11 @@ def samples_at(ks: np.ndarray, n: int, seed: int, shuffle: bool = True) -> tuple
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A loader worker's `worker_init_fn`: Ctrl-C and SIGTERM reach the whole process group, but
-    only the main process acts on them (it checkpoints at the end of the step, then stops the
-    workers); a worker dying of the signal first would turn that into a crash."""
+    """A loader worker's `worker_init_fn`: a terminal's Ctrl-C (and SIGUSR1/2, the usual preemption
+    notices) reach the whole process group, but only the main process acts on them: it checkpoints
+    at the end of the step, then stops the workers. A worker dying of the signal first would turn that
+    into a crash. SIGTERM keeps its default: the loader ends a stuck worker with it."""
     import signal
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
