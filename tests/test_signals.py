@@ -122,9 +122,11 @@ def test_second_sigint_exits_at_once(tmp_path, corpus):
 
 
 @pytest.mark.slow
-def test_ctrl_c_to_the_process_group_with_loader_workers_checkpoints(tmp_path, corpus):
-    """A terminal's Ctrl-C reaches every process of the group, loader workers included: the workers
-    ignore it and the main process checkpoints, rather than crashing on a worker that died of it."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signal_to_the_process_group_with_loader_workers_checkpoints(tmp_path, corpus, sig):
+    """A terminal's Ctrl-C, or a scheduler's SIGTERM to the job, reaches every process of the group,
+    loader workers included: the workers outlast it and the main process checkpoints, rather than
+    crashing on a worker that died of it."""
     import os
 
     run = tmp_path / "run"
@@ -138,9 +140,9 @@ def test_ctrl_c_to_the_process_group_with_loader_workers_checkpoints(tmp_path, c
         start_new_session=True,
     )
     _wait_for_step(run, 2, proc)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-2000:]
-    assert "Traceback" not in err and "received SIGINT" in out
+    assert "Traceback" not in err and f"received {sig.name}" in out
     stopped = _records(run)[-1]["step"]
     assert list_checkpoints(run / "checkpoints")[-1].name == f"step-{stopped:08d}"

@@ -355,7 +355,7 @@ def probe(cfg: Config) -> dict:
     from flame.data.build import resolve_tokenizer
     from flame.loss import model_logits, per_token_ce
     from flame.model import build_model, forward_params
-    from flame.trainer import seed_everything
+    from flame.runsetup import seed_everything
 
     tok = resolve_tokenizer(cfg)
     seed_everything(cfg.train.seed)

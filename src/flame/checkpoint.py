@@ -499,6 +499,11 @@ class Checkpointer:
                 self._fsync_dir(self.root)
                 moved = str(dest)
         moved = _broadcast(moved)
+        if moved:
+            self.log(
+                f"note: checkpoints after step {step} belong to another trajectory of this run; moved "
+                f"them to {moved} (nothing deleted)"
+            )
         return Path(moved) if moved else None
 
     def trainer_state(self, path: Path) -> dict:

@@ -150,3 +150,28 @@ def sample_text(
     kw.setdefault("vocab", tok.vocab_size)
     out = sample_ids(model, start, max_new, context_len, eos_id=tok.eos_id, device=device, **kw)
     return prompt + tok.decode(out)
+
+
+def sample_after_training(trainer) -> None:
+    """`flame train`'s closing sample of train.sample_tokens tokens, printed by rank 0. Under FSDP
+    every rank gathers the weights (every rank must call this); rank 0 samples from a plain copy."""
+    from flame.model import build_model
+    from flame.parallel import main_rank_copy
+
+    cfg = trainer.cfg
+    model = main_rank_copy(
+        trainer.model,
+        trainer.strategy,
+        trainer.world,
+        lambda: build_model(cfg.model, trainer.tok.vocab_size, cfg.data.context_len),
+    )
+    if model is not None:
+        text = sample_text(
+            model,
+            trainer.tok,
+            "",
+            cfg.train.sample_tokens,
+            trainer.world.device,
+            context_len=cfg.data.context_len,
+        )
+        print("sample:\n" + text)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
+from flame.config import TrainConfig
 from flame.parallel import World
 
 
@@ -14,6 +17,7 @@ class GuardState:
     def __init__(self) -> None:
         self.spike_mean: float | None = None
         self.consecutive_bad = 0
+        self.bad_total = 0  # steps skipped so far (trainer.json keeps it as "bad_steps")
 
     def judge(self, loss: float, bad: bool, spike_factor: float) -> bool:
         """True when the step's update is applied; updates the running state."""
@@ -54,6 +58,30 @@ def step_verdict(
     else:
         loss, bad = float(both[0]), not bool(torch.isfinite(both).all())
     return guard.judge(loss, bad, spike_factor), loss
+
+
+def update_allowed(
+    guard: GuardState,
+    tcfg: TrainConfig,
+    loss_sum: torch.Tensor,
+    targets: int,
+    gnorm: torch.Tensor,
+    world: World,
+    step: int,
+    say: Callable[[str], None],
+) -> bool:
+    """Whether step `step`'s update is applied: always without guards (train.max_bad_steps and
+    train.spike_factor 0, and no collective); else the guards' verdict, a skipped step reported."""
+    if not (tcfg.max_bad_steps or tcfg.spike_factor):
+        return True
+    ok, loss = step_verdict(guard, loss_sum, targets, gnorm, world, tcfg.spike_factor)
+    if not ok:
+        guard.bad_total += 1
+        say(
+            f"warning: step {step} skipped (loss {loss:.4g}, grad norm {float(gnorm):.4g}); "
+            f"{guard.consecutive_bad} bad step(s) in a row"
+        )
+    return ok
 
 
 def weights_finite(model: torch.nn.Module, world: World) -> bool:

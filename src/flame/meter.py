@@ -100,13 +100,14 @@ class LogWindow:
             "src_targets": vals[1 + n :] if self.src_loss is not None else None,
         }
 
-    def load_state_dict(self, state: dict, world: World) -> None:
-        """Rank 0 takes the saved sums, the others start from zero: the reduced total is the same."""
+    def load_state_dict(self, state: dict, world: World, step: int) -> None:
+        """Rank 0 takes the saved sums, the others start from zero: the reduced total is the same.
+        `step`: the checkpoint's (a window saved before start_step was kept began `steps` earlier)."""
         keep = world.rank == 0
         dev = world.device
         self.loss_sum = torch.tensor(state["loss_sum"] if keep else 0.0, dtype=torch.float64, device=dev)
         self.targets, self.steps = int(state["targets"]), int(state["steps"])
-        self.start_step = int(state.get("start_step", -1))  # -1: an older checkpoint, set by the trainer
+        self.start_step = int(state.get("start_step", step - self.steps))
         for key in ("src_loss", "src_targets"):
             v = state.get(key)
             if v is not None and len(v) != self.num_sources:  # a mixture changed (allow_config_change)
@@ -254,3 +255,27 @@ def source_record(
             "target_share": float(loader.weights[i]),
         }
     return out
+
+
+def step_record(trainer, grad_norm: float) -> dict:
+    """The train record of a set-up trainer's log step: its window reduced over the ranks (a
+    collective), the meter's arithmetic, and per source of a mixture."""
+    loss, per_source = trainer.window.reduce(trainer.world)
+    rec = trainer.meter.train_record(
+        step=trainer.step,
+        tokens=trainer.tokens,
+        epoch=trainer.loader.epoch(),
+        loss=loss,
+        lr=trainer.step_lr,
+        grad_norm=grad_norm,
+        target_tokens=trainer.window.targets,
+        elapsed_s=trainer.elapsed_now(),
+        bad_steps=trainer.guard.bad_total,
+        skipped_steps=trainer.skip.through(trainer.step),
+    )
+    if trainer.sources:
+        ctx, start = trainer.cfg.data.context_len, trainer.window.start_step
+        rec["sources"] = source_record(
+            trainer.loader, trainer.skip.ranges, per_source, ctx, start, trainer.step
+        )
+    return rec

@@ -299,6 +299,25 @@ def cpu_group(world: World):
     return dist.new_group(backend="gloo")
 
 
+def any_rank(flag: bool, world: World, group=None) -> bool:
+    """Whether `flag` is set on any rank (a collective; `group`: a cpu_group, so it waits for no
+    device work)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+def global_sum(local: int, world: World, group=None) -> int:
+    """The sum of an integer over all ranks (a collective on a cpu_group, like any_rank)."""
+    if not world.distributed:
+        return local
+    t = torch.tensor([local], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return int(t.item())
+
+
 def on_main_rank(world: World, fn):
     """Run `fn` on rank 0 only; when it raises, every rank raises (a FlameError on the others).
 

@@ -141,7 +141,8 @@ def stop_signals(names: Iterable[str]) -> list[signal.Signals]:
 class StopSignals:
     """While installed, the first of `signals` calls `on_first(name)` (the trainer checkpoints at
     the end of the step and stops); a second one exits at once with 128 + its number, as an
-    uncaught signal would. `restore` puts the earlier handlers back (Ctrl-C interrupts again)."""
+    uncaught signal would. `restore` puts the earlier handlers back (Ctrl-C interrupts again); as a
+    context manager it installs on entry and restores on exit."""
 
     def __init__(self, signals: list[signal.Signals], on_first) -> None:
         self.signals = signals
@@ -164,6 +165,12 @@ class StopSignals:
         previous, self._previous = self._previous, {}
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+    def __enter__(self) -> StopSignals:
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 def _get(d: dict, key: str):

@@ -135,6 +135,16 @@ def save_run_tokenizer(tok, run_dir: Path) -> None:
     os.replace(tmp, final)
 
 
+def write_run_files(run_dir: Path, cfg, tok, loader) -> None:
+    """What generate, export and inspect read from a run directory besides checkpoints: the full
+    config.toml, a copy of the tokenizer, and the loader's data plan (what inspect reconstructs
+    earlier steps from)."""
+    (Path(run_dir) / "config.toml").write_text(cfg.to_toml())
+    save_run_tokenizer(tok, run_dir)
+    if hasattr(loader, "save_plan"):
+        loader.save_plan(run_dir)
+
+
 def run_tokenizer(run_dir: str | Path, cfg, state: dict | None = None):
     """The tokenizer a run trained with: its copy in the run directory, else its config's data.tokenizer
     (runs made before the copy existed). When the checkpoint's run state records the tokenizer's

@@ -1,5 +1,6 @@
-"""What a run decides before its first step: seeds, its length, the autocast, how a resume keeps
-the global batch and takes the config's optimizer settings, and the start record (starts.jsonl).
+"""What a run decides before its first step: what it resumes from (and whether it may), the
+model and what is measured of it, seeds, the run's length, the autocast, how a resume keeps the
+global batch and takes the config's optimizer settings, and the start record (starts.jsonl).
 
 Plain functions of the config and the world; the trainer calls them from `setup`."""
 
@@ -13,16 +14,23 @@ import socket
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from flame.checkpoint import Checkpointer
 from flame.config import Config
+from flame.data.stream import check_resume_layout
 from flame.errors import ConfigError
-from flame.model import model_label
+from flame.flops import resolve_flops_per_token
+from flame.meter import Meter, memory_gib
+from flame.model import attention_of, build_model, count_params, forward_params, model_label
 from flame.optim import lr_factor
-from flame.parallel import World
+from flame.parallel import World, build_context, init_mode, strategy_of
+from flame.runguard import check_resume_compatible
 
 # Settings that change the data order or the model: a resume with a different value is refused.
 # (data.mix / data.store are not here: a changed mixture becomes a new phase of the data plan, and
@@ -42,6 +50,93 @@ FROZEN_KEYS = (
     "data.streaming",
     "train.seed",
 )
+
+
+def resume_point(
+    cfg: Config, world: World, checkpointer: Checkpointer, say: Callable[[str], None]
+) -> tuple[Path | None, dict]:
+    """The checkpoint this start continues (checkpoint.load, else the newest with checkpoint.resume)
+    and its trainer state, once the config is checked against it: refused settings raise, a changed
+    world size adjusts train.grad_accum. (None, {}) for a fresh start."""
+    c = cfg.checkpoint
+    path = Path(c.load) if c.load else (checkpointer.find_latest() if c.resume else None)
+    if path is None:
+        return None, {}
+    saved = checkpointer.trainer_state(path)
+    for note in check_resume_compatible(saved.get("config", {}), cfg, FROZEN_KEYS):
+        say(note)
+    if cfg.data.streaming and not c.allow_config_change:  # before any batch-size advice
+        check_resume_layout(saved.get("data", {}), world.world_size, cfg.data.num_workers)
+    keep_global_batch(cfg, world.world_size, saved, say)
+    return path, saved
+
+
+@dataclass
+class RunModel:
+    """The model as built (not yet wrapped for the strategy), and what the run knows of it."""
+
+    module: nn.Module
+    strategy: str  # single, ddp or fsdp
+    init_mode: str  # how fsdp initialises the weights
+    attention: str
+    n_params: int
+    flops_per_token: float
+    flops_source: str
+    accepts: frozenset  # forward()'s keyword arguments
+    aux_coef: float  # the weight of a mixture of experts' router loss in the objective (0: none)
+
+
+def build_run_model(cfg: Config, world: World, vocab_size: int, say: Callable[[str], None]) -> RunModel:
+    """Seed, then build the model of the config for this world (on the meta device where FSDP
+    materialises the weights later) and measure it."""
+    seed_everything(cfg.train.seed)
+    strategy, mode = strategy_of(cfg.parallel, world), init_mode(cfg.parallel)
+    with build_context(strategy, world, mode):
+        model = build_model(cfg.model, vocab_size, cfg.data.context_len, varlen=cfg.data.varlen, log=say)
+    hf = getattr(model, "config", None)
+    # a mixture of experts' load-balancing loss joins the objective as in the model's own loss
+    aux = (
+        float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0)
+        if getattr(hf, "output_router_logits", False)
+        else 0.0
+    )
+    flops, source = resolve_flops_per_token(model, cfg.data.context_len, cfg.model.flops_per_token, log=say)
+    return RunModel(
+        module=model,
+        strategy=strategy,
+        init_mode=mode,
+        attention=attention_of(model),
+        n_params=count_params(model),
+        flops_per_token=flops,
+        flops_source=source,
+        accepts=forward_params(model),
+        aux_coef=aux,
+    )
+
+
+def run_meter(trainer) -> Meter:
+    """The meter of a set-up trainer: what its train records' throughput, MFU and ETA are made of."""
+    return Meter(
+        total_steps=trainer.total_steps,
+        tokens_per_step=trainer.loader.global_batch * trainer.cfg.data.context_len,
+        world_size=trainer.world.world_size,
+        flops_per_token=trainer.flops_per_token,
+        flops_source=trainer.flops_source,
+        attention=trainer.attention,
+        peak_flops=trainer.peak_flops,
+        memory=lambda: memory_gib(trainer.world.device),
+    )
+
+
+def run_banner(trainer) -> str:
+    """The console line a run starts its loop with."""
+    cfg, world = trainer.cfg, trainer.world
+    return (
+        f"model: {model_label(cfg.model)} ({trainer.n_params / 1e6:.2f}M parameters, attention "
+        f"{trainer.attention}), strategy {trainer.strategy}, {world.world_size} process(es) on "
+        f"{world.device.type}; {trainer.total_steps} steps of "
+        f"{trainer.loader.global_batch * cfg.data.context_len:,} tokens"
+    )
 
 
 def seed_everything(seed: int) -> None:

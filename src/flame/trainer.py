@@ -13,45 +13,39 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from flame.checkpoint import Checkpointer
-from flame.config import Config, config_from_dict
+from flame.config import Config
 from flame.data.build import build_loader, resolve_tokenizer
 from flame.data.packed import SkipRanges
-from flame.data.stream import check_resume_layout
-from flame.errors import CheckpointError, FlameError
 from flame.evaluate import build_evaluator
-from flame.flops import resolve_flops_per_token
-from flame.guards import GuardState, step_verdict, weights_finite
+from flame.guards import GuardState, update_allowed, weights_finite
 from flame.logging import BatchLog, MetricsLogger, device_peak_flops
 from flame.loss import host_targets, labels_of, model_outputs, per_token_ce, sample_sums
-from flame.meter import LogWindow, Meter, memory_gib, source_record
-from flame.model import attention_of, build_model, count_params, forward_params, model_label
+from flame.meter import LogWindow, step_record
 from flame.optim import build_optimizer, build_scheduler
 from flame.parallel import (
     World,
-    build_context,
+    any_rank,
     clip_grad_norm,
     cpu_group,
-    init_mode,
+    global_sum,
     init_world,
-    main_rank_copy,
     on_main_rank,
     shutdown,
-    strategy_of,
     wrap_model,
 )
-from flame.runguard import RunLock, StopSignals, check_resume_compatible, stop_signals
-from flame.runs import check_same_tokenizer, save_run_tokenizer, with_absolute_paths
+from flame.runguard import RunLock, StopSignals, stop_signals
+from flame.runs import check_same_tokenizer, with_absolute_paths, write_run_files
 from flame.runsetup import (
-    FROZEN_KEYS,
     append_start,
     apply_optim_config,
     autocast_of,
-    keep_global_batch,
+    build_run_model,
+    resume_point,
+    run_banner,
+    run_meter,
     schedule_warning,
-    seed_everything,
     start_record,
     total_steps,
 )
@@ -70,7 +64,7 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_signal: str | None = None
         self._params: list | None = None
-        self._step_lr = float("nan")
+        self.step_lr = float("nan")
         self._seg_start = time.perf_counter()
 
     # ---- setup ---------------------------------------------------------------------------
@@ -79,54 +73,27 @@ class Trainer:
         self.lock = on_main_rank(world, lambda: RunLock.claim(self.run_dir))  # every rank stops on an error
         self._votes = cpu_group(world)  # the per-step stop vote, without a device sync
         self._say(f"run directory: {self.run_dir.resolve()}")
+        c = cfg.checkpoint
         self.checkpointer = Checkpointer(
-            self.run_dir,
-            cfg.checkpoint.keep,
-            cfg.checkpoint.checksums,
-            log=self._say,
-            async_save=getattr(cfg.checkpoint, "async_save", False),
+            self.run_dir, c.keep, c.checksums, log=self._say, async_save=c.async_save
         )
-        resume_from = self._resume_path()
-        start = 0
-        if resume_from is not None:
-            saved = self.checkpointer.trainer_state(resume_from)
-            start = int(saved.get("step", 0))
-            for n in check_resume_compatible(saved.get("config", {}), cfg, FROZEN_KEYS):
-                self._say(n)
-            if cfg.data.streaming and not cfg.checkpoint.allow_config_change:  # before any batch advice
-                check_resume_layout(saved.get("data", {}), world.world_size, cfg.data.num_workers)
-            keep_global_batch(cfg, world.world_size, saved, self._say)
+        resume_from, saved = resume_point(cfg, world, self.checkpointer, self._say)
         self.tok = resolve_tokenizer(cfg)
         if resume_from is not None:
-            check_same_tokenizer(saved, self.tok, cfg.checkpoint.allow_config_change)
+            check_same_tokenizer(saved, self.tok, c.allow_config_change)
         # the model is resolved before any corpus is read: a wrong model costs seconds, not a prepare
-        seed_everything(cfg.train.seed)
-        self.strategy = strategy_of(cfg.parallel, world)
-        mode = init_mode(cfg.parallel)
-        with build_context(self.strategy, world, mode):  # fsdp: the meta device where weights arrive later
-            model = build_model(
-                cfg.model, self.tok.vocab_size, cfg.data.context_len, varlen=cfg.data.varlen, log=self._say
-            )
-        self.attention = attention_of(model)
-        hf = getattr(model, "config", None)
-        # a mixture of experts' load-balancing loss joins the objective as in the model's own loss
-        self.aux_coef = (
-            float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0)
-            if getattr(hf, "output_router_logits", False)
-            else 0.0
-        )
+        rm = build_run_model(cfg, world, self.tok.vocab_size, self._say)
+        self.strategy, self.attention, self.n_params = rm.strategy, rm.attention, rm.n_params
+        self.accepts, self.aux_coef = rm.accepts, rm.aux_coef
+        self.flops_per_token, self.flops_source = rm.flops_per_token, rm.flops_source
         self.loader = build_loader(cfg, world, self.run_dir, self.tok, log=self._say)
         self.evaluator = build_evaluator(cfg, world, self.run_dir, self.tok, log=self._say)
-        self.n_params = count_params(model)
-        self.flops_per_token, self.flops_source = resolve_flops_per_token(
-            model, cfg.data.context_len, cfg.model.flops_per_token, log=self._say
-        )
-        self.accepts = forward_params(model)
-        self.model = wrap_model(model, self.strategy, world, cfg.train, mode)  # also compiles per block
+        # wrapped for the strategy (and compiled per block) only now: a refused start costs no compile
+        self.model = wrap_model(rm.module, self.strategy, world, cfg.train, rm.init_mode)
         self.optimizer = build_optimizer(self.model, cfg.optim, world.device)
         self.total_steps = total_steps(cfg, world)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
-        self.step, self.tokens, self.elapsed, self.bad_steps_total = 0, 0, 0.0, 0
+        self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.skip = SkipRanges(cfg.data.skip)  # data.skip: steps consumed without training
         self.sources = getattr(self.loader, "source_names", None) or []  # a mixture's named sources
         self.guard = GuardState()
@@ -134,35 +101,19 @@ class Trainer:
         if (warning := schedule_warning(cfg, self.total_steps)) is not None:
             self._say(warning)
         if resume_from is not None:
-            self._load(resume_from, saved)
+            self.load_state_dict(self.checkpointer.load(resume_from, self.model, self.optimizer, saved))
+            self._say(f"resumed from {resume_from} at step {self.step} ({self.tokens:,} tokens seen)")
         # only once everything checked out: a refused start changes nothing in the run directory
-        aside = self.checkpointer.set_aside_after(start)
-        if aside is not None:
-            self._say(
-                f"note: checkpoints after step {start} belong to another trajectory of this run; moved them "
-                f"to {aside} (nothing deleted)"
-            )
+        self.checkpointer.set_aside_after(self.step)
         self.logger = MetricsLogger(
             cfg.log, self.run_dir, world.is_main, self.total_steps, self.step, cfg.to_dict()
         )
         if world.is_main:
-            (self.run_dir / "config.toml").write_text(cfg.to_toml())
-            save_run_tokenizer(self.tok, self.run_dir)  # generate/export/inspect need nothing else
-            if hasattr(self.loader, "save_plan"):  # -- data plan: what `flame inspect` reconstructs from
-                self.loader.save_plan(self.run_dir)
+            write_run_files(self.run_dir, cfg, self.tok, self.loader)
         self.autocast = autocast_of(cfg, world.device)
         self.batch_log = BatchLog(self.run_dir, world.rank, self.step) if cfg.log.batches else None
         self.peak_flops = device_peak_flops(world.device, cfg.log.peak_flops)
-        self.meter = Meter(
-            total_steps=self.total_steps,
-            tokens_per_step=self.loader.global_batch * cfg.data.context_len,
-            world_size=world.world_size,
-            flops_per_token=self.flops_per_token,
-            flops_source=self.flops_source,
-            attention=self.attention,
-            peak_flops=self.peak_flops,
-            memory=lambda: memory_gib(world.device),
-        )
+        self.meter = run_meter(self)
         if world.is_main:
             append_start(self.run_dir, start_record(self, resume_from), self._say)
 
@@ -172,12 +123,6 @@ class Trainer:
         elif msg.startswith("warning"):  # another rank's problem must reach the user too
             print(f"[rank {self.world.rank}] {msg}", file=sys.stderr, flush=True)
 
-    def _resume_path(self) -> Path | None:
-        c = self.cfg.checkpoint
-        if c.load:
-            return Path(c.load)
-        return self.checkpointer.find_latest() if c.resume else None
-
     # ---- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The run's state besides the weights and the optimizer (those are the checkpointer's,
@@ -186,7 +131,7 @@ class Trainer:
             "step": self.step,
             "tokens": self.tokens,
             "elapsed_s": self.elapsed_now(),
-            "bad_steps": self.bad_steps_total,
+            "bad_steps": self.guard.bad_total,
             "guard": self.guard.state_dict(),
             "window": self.window.state_dict(self.world),
             "scheduler": self.scheduler.state_dict(),
@@ -200,8 +145,8 @@ class Trainer:
         config's optimizer settings take effect from this step on."""
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
-        self.bad_steps_total = state.get("bad_steps", 0)
         self.guard.load_state_dict(state.get("guard", {}))
+        self.guard.bad_total = state.get("bad_steps", 0)
         apply_optim_config(self.cfg, self.optimizer, self.scheduler, self.step, self.total_steps)
         self.loader.load_state_dict(state["data"], allow_change=self.cfg.checkpoint.allow_config_change)
         # -- data plan: a re-weight on resume may add sources (the plan keeps the earlier ones)
@@ -210,13 +155,7 @@ class Trainer:
         # -- end data plan
         self.window.reset(self.step)
         if "window" in state:
-            self.window.load_state_dict(state["window"], self.world)
-            if self.window.start_step < 0:
-                self.window.start_step = self.step - self.window.steps
-
-    def _load(self, path: Path, saved: dict) -> None:
-        self.load_state_dict(self.checkpointer.load(path, self.model, self.optimizer, saved))
-        self._say(f"resumed from {path} at step {self.step} ({self.tokens:,} tokens seen)")
+            self.window.load_state_dict(state["window"], self.world, self.step)
 
     def save(self, background: bool = False) -> Path:
         """Checkpoint now; `background` (interval saves, with checkpoint.async_save) writes in a thread."""
@@ -232,32 +171,17 @@ class Trainer:
     def elapsed_now(self) -> float:
         return self.elapsed + (time.perf_counter() - self._seg_start)
 
-    # ---- signals -------------------------------------------------------------------------
-    def _request_stop(self, reason: str) -> None:
-        self.stop_signal = reason
-
     def _should_stop(self) -> bool:
-        flag = self.stop_signal is not None
-        if self.world.distributed:  # every rank must stop at the same step
-            t = torch.tensor([1.0 if flag else 0.0])  # on the CPU: the vote waits for no GPU work
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._votes)
-            flag = bool(t.item())
-        return flag
+        return any_rank(self.stop_signal is not None, self.world, self._votes)  # every rank stops together
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> dict:
         """Train to the run's last step, or until a stop; returns {"step", "stopped", "loss"}."""
         cfg, t = self.cfg, self.cfg.train
         # the first signal (or Ctrl-C) stops at the end of the step, with a checkpoint
-        signals = StopSignals(stop_signals(t.preempt_signals), self._request_stop).install()
-        try:
+        with StopSignals(stop_signals(t.preempt_signals), lambda name: setattr(self, "stop_signal", name)):
             self._seg_start = time.perf_counter()
-            self._say(
-                f"model: {model_label(cfg.model)} ({self.n_params / 1e6:.2f}M parameters, attention "
-                f"{self.attention}), strategy {self.strategy}, "
-                f"{self.world.world_size} process(es) on {self.world.device.type}; "
-                f"{self.total_steps} steps of {self.loader.global_batch * cfg.data.context_len:,} tokens"
-            )
+            self._say(run_banner(self))
             if self.step >= self.total_steps:
                 self._say(f"nothing to do: the run is already at step {self.step} of {self.total_steps}")
                 return {"step": self.step, "stopped": "done"}
@@ -303,8 +227,6 @@ class Trainer:
                 self.save()
             self.logger.close()
             return {"step": self.step, "stopped": stopped, "loss": last_loss}
-        finally:
-            signals.restore()  # Ctrl-C interrupts again once the loop is over
 
     def _skip_step(self, it) -> None:
         for _ in range(self.cfg.train.grad_accum):
@@ -323,26 +245,16 @@ class Trainer:
 
     def _update(self, loss_sum: torch.Tensor, targets: int) -> tuple[torch.Tensor, bool]:
         """Clip, ask the guards, apply the update (or skip it); returns (grad norm, applied)."""
-        t = self.cfg.train
         gnorm = self._clip()
-        ok = True
-        if t.max_bad_steps or t.spike_factor:
-            ok, self._last_step_loss = step_verdict(
-                self.guard, loss_sum, targets, gnorm, self.world, t.spike_factor
-            )
+        g, t = self.guard, self.cfg.train
+        ok = update_allowed(g, t, loss_sum, targets, gnorm, self.world, self.step + 1, self._say)
         if ok:
             self.optimizer.step()
-        else:
-            self.bad_steps_total += 1
-            self._say(
-                f"warning: step {self.step + 1} skipped (loss {self._last_step_loss:.4g}, grad norm "
-                f"{float(gnorm):.4g}); {self.guard.consecutive_bad} bad step(s) in a row"
-            )
         self.optimizer.zero_grad(set_to_none=True)
         return gnorm, ok
 
     def _advance(self, loss_sum: torch.Tensor, targets: int) -> None:
-        self._step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
+        self.step_lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         self.scheduler.step()
         self.step += 1
         self.tokens += self.loader.global_batch * self.cfg.data.context_len
@@ -400,13 +312,9 @@ class Trainer:
     def _global_targets(self, local: int) -> int:
         """Target tokens of the global batch. Without varlen every rank's count is the same
         (batch x (context - 1) per micro-batch): no collective needed."""
-        if not self.world.distributed:
-            return local
-        if not self.cfg.data.varlen:
-            return local * self.world.world_size
-        t = torch.tensor([local], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._votes)
-        return int(t.item())
+        if self.cfg.data.varlen:
+            return global_sum(local, self.world, self._votes)
+        return local * self.world.world_size
 
     def _clip(self) -> torch.Tensor:
         if self._params is None:  # walking the module tree every step costs more than the norm
@@ -414,33 +322,12 @@ class Trainer:
         return clip_grad_norm(self._params, self.cfg.train.grad_clip)  # a plain tensor under FSDP too
 
     def _log(self, gnorm) -> float:
-        """Write the train record of this log step (meter.py holds its arithmetic); a collective."""
-        loss, per_source = self.window.reduce(self.world)
-        rec = self.meter.train_record(
-            step=self.step,
-            tokens=self.tokens,
-            epoch=self.loader.epoch(),
-            loss=loss,
-            lr=self._step_lr,
-            grad_norm=float(gnorm),
-            target_tokens=self.window.targets,
-            elapsed_s=self.elapsed_now(),
-            bad_steps=self.bad_steps_total,
-            skipped_steps=self.skip.through(self.step),
-        )
-        if self.sources:
-            rec["sources"] = source_record(
-                self.loader,
-                self.skip.ranges,
-                per_source,
-                self.cfg.data.context_len,
-                self.window.start_step,
-                self.step,
-            )
+        """Write the train record of this log step (meter.py: its fields and arithmetic); a collective."""
+        rec = step_record(self, float(gnorm))
         self.logger.log(rec)
         self.window.reset(self.step)
         self.meter.next_window(self.tokens)
-        return loss
+        return rec["loss"]
 
     def evaluate(self) -> float:
         """Held-out loss, perplexity and bits per byte (and per mixture source); logged, returned."""
@@ -471,39 +358,11 @@ def run_training(cfg: Config, callbacks: list[Callback] | None = None) -> dict:
             print(f"metrics: {trainer.run_dir / 'metrics.jsonl'}")
             print(f"checkpoints: {trainer.run_dir / 'checkpoints'}")
         if cfg.train.sample_tokens and result["stopped"] == "done":
-            from flame.generate import sample_text
+            from flame.generate import sample_after_training
 
-            # under FSDP every rank gathers the weights; rank 0 samples from a plain copy
-            model = main_rank_copy(
-                trainer.model,
-                trainer.strategy,
-                trainer.world,
-                lambda: build_model(cfg.model, trainer.tok.vocab_size, cfg.data.context_len),
-            )
-            if model is not None:
-                text = sample_text(
-                    model,
-                    trainer.tok,
-                    "",
-                    cfg.train.sample_tokens,
-                    trainer.world.device,
-                    context_len=cfg.data.context_len,
-                )
-                print("sample:\n" + text)
+            sample_after_training(trainer)
     finally:
         trainer.close()
     # after a clean finish only: after an error another rank may still be inside a collective
     shutdown(trainer.world)
     return result
-
-
-__all__ = [
-    "Callback",
-    "Trainer",
-    "run_training",
-    "seed_everything",
-    "FROZEN_KEYS",
-    "config_from_dict",
-    "CheckpointError",
-    "FlameError",
-]

@@ -320,11 +320,36 @@ def samples_at(ks: np.ndarray, n: int, seed: int, shuffle: bool = True) -> tuple
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A loader worker's `worker_init_fn`: a terminal's Ctrl-C (and SIGUSR1/2, the usual preemption
-    notices) reach the whole process group, but only the main process acts on them: it checkpoints
-    at the end of the step, then stops the workers. A worker dying of the signal first would turn that
-    into a crash. SIGTERM keeps its default: the loader ends a stuck worker with it."""
+    """A loader worker's `worker_init_fn`. A terminal's Ctrl-C, a scheduler's SIGTERM to the job
+    (and SIGUSR1/2, the usual preemption notices) reach the whole process group, but only the main
+    process acts on them: it checkpoints at the end of the step, then stops the workers. A worker
+    dying of the signal first would turn that into a crash. SIGINT and SIGUSR1/2 are ignored.
+    SIGTERM is also what the loader sends a worker stuck at shutdown, so it is deferred instead:
+    the worker goes on serving until the main process stops it or is gone, then exits."""
     import signal
 
     for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_with_parent)
+
+
+def _exit_with_parent(signum, frame) -> None:
+    import os
+    import threading
+    import time
+
+    global _parent_watch
+    if _parent_watch is not None:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:  # a thread: it runs even while the worker is stuck in a read
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(128 + signum)
+
+    _parent_watch = threading.Thread(target=watch, daemon=True, name="flame-exit-with-parent")
+    _parent_watch.start()
+
+
+_parent_watch = None
