@@ -71,7 +71,7 @@ def test_train_prints_only_what_differs_and_the_config_path(runs):
     assert "max_steps = 4," in flat and "[checkpoint] interval = 2" in flat
     for unchanged in ("beta1", "weight_decay", "[parallel]", "[eval]", "wandb_project"):
         assert unchanged not in head
-    assert len(head.strip().splitlines()) <= 12  # not the 90-line config
+    assert len(head.strip().splitlines()) <= 20  # not the 90-line config (long paths wrap onto more lines)
 
 
 @pytest.mark.parametrize("width", [60, 100])
