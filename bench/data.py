@@ -572,6 +572,33 @@ def section_resume(store: Path, big: Path, reps: int):
 # ================================================================ main
 
 
+def _balance_section(size: str, rounds: int, rows: list) -> str:
+    return "\n".join(
+        [
+            f"## Prepare balance: one {size} JSONL, 2 workers vs the tokenizer's 2-thread ceiling "
+            f"({rounds} interleaved round(s), median)",
+            "",
+            md_table(["store", "what", "shards", "ceiling tok/s", "tokens/s", "x ceiling"], rows),
+            "",
+            "Ceiling: `Tokenizer.encode_batch_fast` on 2 threads over the same documents in batches of 1,000 "
+            "(no file reading, no writing). Automatic units: sized from the input and the worker count "
+            "(~8 per worker, 2-64 MiB).",
+        ]
+    )
+
+
+def _balance_report(header: str, size: str, rounds: int, rows: list) -> str:
+    return "\n".join(
+        [
+            "# flame prepare balance (`.venv/bin/python bench/data.py --only balance`)",
+            "",
+            f"Machine: {header}.",
+            "",
+            _balance_section(size, rounds, rows),
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a ~30 s version: small corpus, one round")
@@ -582,6 +609,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-stream", action="store_true", help="skip the streaming rows")
     ap.add_argument(
         "--balance-mb", type=float, default=None, help="the one-big-file prepare rows (default 100, quick 12)"
+    )
+    ap.add_argument(
+        "--only",
+        choices=["balance"],
+        default=None,
+        help="run one section alone (balance: the one-big-file prepare rows, a few minutes)",
     )
     ap.add_argument("--child", nargs=2, metavar=("NAME", "JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -607,6 +640,15 @@ def main(argv: list[str] | None = None) -> None:
         n_docs = len(docs)
         del docs
         log(f"corpus: {n_docs:,} documents, {text_bytes / 1e6:.1f} MB; tokenizer trained")
+
+        if args.only == "balance":
+            balance_mb = args.balance_mb or (12 if q else 100)
+            balance_rows, balance_size = section_balance(
+                tmp, tok_dir, int(balance_mb * 2**20), (24 if q else 32) << 20, rounds, log
+            )
+            emit("data-balance", _balance_report(header, balance_size, rounds, balance_rows))
+            log("finished")
+            return
 
         tok_rows, tok_cpu, tok_extra, store_tokens, store = section_tokenize(
             files, tok_dir, tmp, corpus_bytes, rounds, read_batches // 5, log
@@ -811,17 +853,7 @@ def main(argv: list[str] | None = None) -> None:
             "per CPU-second do not: they compare the work each pipeline spends per token. The streaming rows "
             "read one pass worth of batches and are scaled to the store's token count.",
             "",
-            f"## Prepare balance: one {balance_size} JSONL, 2 workers vs the tokenizer's 2-thread ceiling "
-            f"({rounds} interleaved round(s), median)",
-            "",
-            md_table(
-                ["store", "what", "shards", "ceiling tok/s", "tokens/s", "x ceiling"],
-                balance_rows,
-            ),
-            "",
-            "Ceiling: `Tokenizer.encode_batch_fast` on 2 threads over the same documents in batches of 1,000 "
-            "(no file reading, no writing). Automatic units: sized from the input and the worker count "
-            "(~8 per worker, 2-64 MiB).",
+            _balance_section(balance_size, rounds, balance_rows),
             "",
             f"## Prepared reading: model-ready int64 [8, 2048] batches (median of {read_reps} interleaved repeats "
             f"of {read_batches} batches)",

@@ -13,6 +13,7 @@ When every part is complete the store is finalized (manifest.json); the last par
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import fcntl
 import functools
@@ -576,8 +577,8 @@ def prepare(
         plan_workers=plan_workers,
         log=log,
     )
-    with _PartLock(out, part, log):
-        return _prepare_locked(inputs, tokenizer, tok, out, **opts)
+    with _PartLock(out, part, log), contextlib.ExitStack() as cleanup:
+        return _prepare_locked(inputs, tokenizer, tok, out, cleanup, **opts)
 
 
 def _prepare_locked(
@@ -585,6 +586,7 @@ def _prepare_locked(
     tokenizer: str,
     tok: Tokenizer,
     out: Path,
+    cleanup: contextlib.ExitStack,
     *,
     workers: int,
     part: tuple[int, int],
@@ -604,9 +606,10 @@ def _prepare_locked(
     if workers <= 0:
         workers = usable_cpus()
     dtype = store.token_dtype(tok.vocab_size)
+    begun = (out / SETTINGS).is_file()
     settings = {
         "version": SETTINGS_VERSION,
-        "tokenizer": tok.fingerprint,
+        "tokenizer": tok.fingerprint if begun else None,  # a new store: computed once its workers start
         "inputs": paths,
         "unit_bytes": unit_bytes,
         "text_field": text_field,
@@ -616,18 +619,41 @@ def _prepare_locked(
     how = "unit size given"
     text_bytes = None if unit_bytes is not None else TEXT_UNIT_BYTES  # documents never follow the plan
     if unit_bytes is None:
-        unit_bytes, how = _recorded_unit_bytes(out, settings), "as recorded when this store was begun"
+        if begun:
+            unit_bytes, how = _recorded_unit_bytes(out, settings), "as recorded when this store was begun"
         if unit_bytes is None:
             sized_for = plan_workers or (PART_PLAN_WORKERS * n_parts if n_parts > 1 else workers)
             unit_bytes = auto_unit_bytes(input_bytes(paths), sized_for)
             how = f"automatic for {sized_for} worker(s)"
         settings["unit_bytes"] = unit_bytes
     units = plan_units(paths, unit_bytes, text_bytes)
+    tasks = plan_tasks(units, unit_bytes)
+    mine = [(i, t) for i, t in enumerate(tasks) if i % n_parts == i_part]
+
+    def make_job(n_workers: int) -> _Job:
+        return _Job(
+            tokenizer=tokenizer,
+            output=str(out),
+            dtype=dtype.name,
+            text_field=text_field,
+            val_fraction=val_fraction,
+            bad_records=bad_records,
+            max_bad_fraction=max_bad_fraction,
+            sources=tuple(paths),
+            threads=max(1, usable_cpus() // n_workers) if n_workers > 1 else 0,
+            states=tuple(states.items()),
+        )
+
+    # a new store has every task to do: its workers start (and load the tokenizer, about a second for
+    # 100k ids) while this process fingerprints the tokenizer, checks the settings and saves its copy
+    pool = None
+    if not begun and min(workers, len(mine)) > 1:
+        workers = min(workers, len(mine))
+        pool = cleanup.enter_context(_WorkerPool(make_job(workers), workers))
+    settings["tokenizer"] = tok.fingerprint
     _check_settings(out, settings)
     _save_tokenizer_copy(tok, out)
 
-    tasks = plan_tasks(units, unit_bytes)
-    mine = [(i, t) for i, t in enumerate(tasks) if i % n_parts == i_part]
     records: dict[int, dict] = {}
     todo = []
     changed: set[str] = set()
@@ -648,7 +674,8 @@ def _prepare_locked(
             f"{'its' if len(changed) == 1 else 'their'} shards were prepared: preparing the "
             f"{redone} affected shard(s) again"
         )
-    workers = max(1, min(workers, len(todo)))
+    if pool is None:
+        workers = max(1, min(workers, len(todo)))
     if todo:
         sizes = [sum(unit_size(u) for u in t) for _, t in todo]
         log(
@@ -656,18 +683,7 @@ def _prepare_locked(
             f"task(s) to do ({len(units)} unit(s) of ~{unit_bytes / (1 << 20):.3g} MiB, {how}; tasks of "
             f"{min(sizes) / 1e6:,.1f}-{max(sizes) / 1e6:,.1f} MB) on {workers} worker(s)"
         )
-    job = _Job(
-        tokenizer=tokenizer,
-        output=str(out),
-        dtype=dtype.name,
-        text_field=text_field,
-        val_fraction=val_fraction,
-        bad_records=bad_records,
-        max_bad_fraction=max_bad_fraction,
-        sources=tuple(paths),
-        threads=max(1, usable_cpus() // workers) if workers > 1 else 0,
-        states=tuple(states.items()),
-    )
+    job = pool.job if pool is not None else make_job(workers)
     bad = BadRecords(bad_records, max_bad_fraction)
     for rec in records.values():
         bad.merge(rec["bad"])
@@ -676,7 +692,7 @@ def _prepare_locked(
     bar = _Progress(todo_bytes, progress and bool(todo), label)
     docs = tokens = 0
     try:
-        for i, rec in _run_tasks(job, todo, workers, bar.add):
+        for i, rec in _run_tasks(job, todo, workers, bar.add, pool):
             records[i] = rec
             bad.merge(rec["bad"])
             docs += rec["stats"]["documents"]
@@ -694,25 +710,75 @@ def _prepare_locked(
     return _finish(out, tok, paths, states, dtype, records, bad, part, val_fraction, max_bad_fraction, log)
 
 
-def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, progress):
-    """Yield (index, record) as tasks finish; in-process for one worker, else a process pool."""
-    if workers == 1:
+class _WorkerPool:
+    """The worker processes of a run, started when created: each loads the tokenizer at once (its
+    initializer), so that work overlaps with what the parent still does before the first task."""
+
+    def __init__(self, job: _Job, workers: int):
+        self.job = job
+        # spawn-like start methods: tokenizers' thread pools and torch do not survive fork
+        ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+        if ctx.get_start_method() == "forkserver":
+            # imported once in the server (when this starts it) instead of in every worker: about a
+            # third of a CPU-second each; no tokenizer thread pool exists before the fork
+            ctx.set_forkserver_preload(["__main__", "flame.data.prepare", "tokenizers"])
+        self.progress_q = ctx.Queue()
+        # an executor, not mp.Pool: a worker that dies (OOM kill) fails the run instead of hanging it
+        self.pool = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(job, self.progress_q, os.getpid())
+        )
+        for _ in range(workers):  # the executor starts a process per submission while none is idle
+            self.pool.submit(os.getpid)
+
+    def __enter__(self) -> _WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is None:
+            return
+        # on an error, stop now rather than after the tasks in flight (their shards are not marked done)
+        for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
+
+
+def _died() -> DataError:
+    return DataError(
+        "a prepare worker process died (killed, or out of memory?)",
+        hint="re-run the same command to resume; finished shards are kept. Fewer --workers use less memory",
+    )
+
+
+def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, progress, pool=None):
+    """Yield (index, record) as tasks finish; in-process for one worker, else a process pool (`pool`
+    when already started)."""
+    if pool is None and workers == 1:
         w = _UnitWorker(job, progress)
         for i, t in todo:
             yield i, w.run(i, t)
         return
-    # spawn-like start methods: tokenizers' thread pools and torch do not survive fork
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    progress_q = ctx.Queue()
+    if not todo:
+        return
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(_WorkerPool(job, workers))
+        yield from _pool_tasks(pool, todo, progress)
+
+
+def _pool_tasks(pool: _WorkerPool, todo: list[tuple[int, list[Unit]]], progress):
+    progress_q = pool.progress_q
     done: queue.SimpleQueue = queue.SimpleQueue()
     finished: set[int] = set()
-    # an executor, not mp.Pool: a worker that dies (OOM kill) fails the run instead of hanging it
-    pool = ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(job, progress_q, os.getpid())
-    )
     try:
-        for i, t in todo:
-            pool.submit(_run_in_worker, i, t).add_done_callback(done.put)
+        try:
+            for i, t in todo:
+                pool.pool.submit(_run_in_worker, i, t).add_done_callback(done.put)
+        except BrokenProcessPool:  # a worker died while starting
+            raise _died() from None
         left = len(todo)
         while left:
             try:
@@ -723,11 +789,7 @@ def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, prog
                 try:
                     i, rec, err = done.get().result()
                 except BrokenProcessPool:
-                    raise DataError(
-                        "a prepare worker process died (killed, or out of memory?)",
-                        hint="re-run the same command to resume; finished shards are kept. "
-                        "Fewer --workers use less memory",
-                    ) from None
+                    raise _died() from None
                 if err is not None:
                     raise DataError(err[0], hint=err[1])
                 left -= 1
@@ -739,13 +801,10 @@ def _run_tasks(job: _Job, todo: list[tuple[int, list[Unit]]], workers: int, prog
             except queue.Empty:
                 break
     finally:
-        # on an error, stop now rather than after the tasks in flight (their shards are not marked done)
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.close()
         for i, _ in todo:  # what the stopped workers had half-written (the part lock is ours)
             if i not in finished:
-                _remove_tmp(Path(job.output), shard_name(i))
+                _remove_tmp(Path(pool.job.output), shard_name(i))
 
 
 def _part_info(

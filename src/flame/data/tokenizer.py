@@ -6,6 +6,7 @@ never as the special id, so only flame itself places EOS between documents.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -245,8 +246,12 @@ class HFTokenizer(Tokenizer):
         self._fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_token, self.eos_id = self._find_eos(file.parent)
-        # the loaded definition, not the file's bytes: a saved copy of this tokenizer hashes the same
-        self.fingerprint = _sha256_json({"tokenizer": json.loads(self._tok.to_str()), "eos_id": self.eos_id})
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        # the loaded definition, not the file's bytes: a saved copy of this tokenizer hashes the same.
+        # Computed when asked (about half a second for 100k ids): prepare's workers never need it
+        return _sha256_json({"tokenizer": json.loads(self._tok.to_str()), "eos_id": self.eos_id})
 
     def _find_eos(self, folder: Path) -> tuple[str, int]:
         names = []
