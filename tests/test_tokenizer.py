@@ -145,3 +145,33 @@ def test_load_errors_are_data_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(DataError, match="cannot load"):
         load_tokenizer(str(bad))
+
+
+def test_tokenizer_copy_is_written_once_and_an_earlier_one_is_kept(tmp_path):
+    """The shared copy helper (a run's and a store's tokenizer copy): a copy with the same fingerprint
+    is left alone, a copy from before the fingerprint file is recognised by loading it, and another
+    tokenizer replaces it with the old copy kept where asked."""
+    import os
+
+    from flame.data.tokenizer import COPY_FINGERPRINT, copy_fingerprint, save_tokenizer_copy
+
+    a = load_tokenizer(train_bpe(tmp_path / "a"))
+    b = load_tokenizer(train_bpe(tmp_path / "b", vocab=280))
+    assert a.fingerprint != b.fingerprint
+    dest = tmp_path / "run" / "tokenizer"
+    dest.parent.mkdir()
+    assert copy_fingerprint(dest) is None
+    save_tokenizer_copy(a, dest)
+    assert (dest / COPY_FINGERPRINT).read_text().strip() == a.fingerprint
+    assert load_tokenizer(str(dest)).fingerprint == a.fingerprint
+    before = {f: os.stat(dest / f).st_mtime_ns for f in os.listdir(dest)}
+    save_tokenizer_copy(a, dest)  # the same tokenizer: nothing rewritten
+    assert {f: os.stat(dest / f).st_mtime_ns for f in os.listdir(dest)} == before
+    (dest / COPY_FINGERPRINT).unlink()  # a copy made before the fingerprint file
+    assert copy_fingerprint(dest) == a.fingerprint
+
+    kept = tmp_path / "run" / "kept"
+    save_tokenizer_copy(b, dest, keep_old_as=lambda old: kept if old == a.fingerprint else None)
+    assert load_tokenizer(str(dest)).fingerprint == b.fingerprint == copy_fingerprint(dest)
+    assert load_tokenizer(str(kept)).fingerprint == a.fingerprint
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["kept", "tokenizer"]  # no temporary left

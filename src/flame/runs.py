@@ -11,13 +11,11 @@ from __future__ import annotations
 import copy
 import glob
 import os
-import shutil
 from pathlib import Path
 
 from flame.errors import CheckpointError, FlameError
 
 TOKENIZER_DIR = "tokenizer"
-FINGERPRINT_FILE = "flame-fingerprint.txt"
 _PATH_KEYS = (
     ("model", "init_from"),
     ("data", "store"),
@@ -109,30 +107,15 @@ def with_absolute_paths(cfg):
 
 
 def save_run_tokenizer(tok, run_dir: Path) -> None:
-    """Keep a copy of the run's tokenizer in the run directory (once; the same one on resume)."""
-    from flame.data.tokenizer import load_tokenizer
+    """Keep a copy of the run's tokenizer in the run directory (once; the same one on resume). A
+    resume allowed to change it keeps the earlier copy as `tokenizer-<fingerprint>`: earlier
+    checkpoints decode with theirs."""
+    from flame.data.tokenizer import save_tokenizer_copy
 
-    final = Path(run_dir) / TOKENIZER_DIR
-    old = None
-    try:  # the fingerprint written beside the copy: no tokenizer load (about a second for 100k ids) per start
-        old = (final / FINGERPRINT_FILE).read_text().strip() or None
-    except OSError:
-        try:
-            old = load_tokenizer(str(final)).fingerprint
-        except Exception:  # absent or unreadable: write it
-            pass
-    if old == tok.fingerprint:
-        return
-    tmp = Path(run_dir) / f"{TOKENIZER_DIR}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
-    (tmp / FINGERPRINT_FILE).write_text(tok.fingerprint + "\n")
-    if old is not None:  # a resume allowed to change it: earlier checkpoints keep theirs
-        kept = Path(run_dir) / f"{TOKENIZER_DIR}-{old[:12]}"
-        shutil.rmtree(kept, ignore_errors=True)
-        os.replace(final, kept)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    run_dir = Path(run_dir)
+    save_tokenizer_copy(
+        tok, run_dir / TOKENIZER_DIR, keep_old_as=lambda old: run_dir / f"{TOKENIZER_DIR}-{old[:12]}"
+    )
 
 
 def write_run_files(run_dir: Path, cfg, tok, loader) -> None:

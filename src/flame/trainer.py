@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from flame import parallel, runsetup
 from flame.checkpoint import Checkpointer
 from flame.config import Config
 from flame.data.build import build_loader, resolve_tokenizer
@@ -24,31 +25,9 @@ from flame.logging import BatchLog, MetricsLogger, device_peak_flops
 from flame.loss import host_targets, labels_of, model_outputs, per_token_ce, sample_sums
 from flame.meter import LogWindow, step_record
 from flame.optim import build_optimizer, build_scheduler
-from flame.parallel import (
-    World,
-    any_rank,
-    clip_grad_norm,
-    cpu_group,
-    global_sum,
-    init_world,
-    on_main_rank,
-    shutdown,
-    wrap_model,
-)
+from flame.parallel import World
 from flame.runguard import RunLock, StopSignals, stop_signals
 from flame.runs import check_same_tokenizer, with_absolute_paths, write_run_files
-from flame.runsetup import (
-    append_start,
-    apply_optim_config,
-    autocast_of,
-    build_run_model,
-    resume_point,
-    run_banner,
-    run_meter,
-    schedule_warning,
-    start_record,
-    total_steps,
-)
 
 # A callback runs after every trained step (after logging and evaluation, before the stop vote and
 # the interval checkpoint; not on data.skip steps). It may read anything of the trainer, and set
@@ -60,7 +39,7 @@ class Trainer:
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None):
         self.cfg = cfg = with_absolute_paths(cfg)  # the saved config works from any folder
         self.callbacks: list[Callback] = list(callbacks or [])
-        self.world: World = init_world(cfg.parallel, cfg.train)
+        self.world: World = parallel.init_world(cfg.parallel, cfg.train)
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_signal: str | None = None
         self._params: list | None = None
@@ -70,35 +49,36 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, world = self.cfg, self.world
-        self.lock = on_main_rank(world, lambda: RunLock.claim(self.run_dir))  # every rank stops on an error
-        self._votes = cpu_group(world)  # the per-step stop vote, without a device sync
+        # on rank 0, and every rank stops when it fails (another run holds the directory)
+        self.lock = parallel.on_main_rank(world, lambda: RunLock.claim(self.run_dir))
+        self._votes = parallel.cpu_group(world)  # the per-step stop vote, without a device sync
         self._say(f"run directory: {self.run_dir.resolve()}")
         c = cfg.checkpoint
         self.checkpointer = Checkpointer(
             self.run_dir, c.keep, c.checksums, log=self._say, async_save=c.async_save
         )
-        resume_from, saved = resume_point(cfg, world, self.checkpointer, self._say)
+        resume_from, saved = runsetup.resume_point(cfg, world, self.checkpointer, self._say)
         self.tok = resolve_tokenizer(cfg)
         if resume_from is not None:
             check_same_tokenizer(saved, self.tok, c.allow_config_change)
         # the model is resolved before any corpus is read: a wrong model costs seconds, not a prepare
-        rm = build_run_model(cfg, world, self.tok.vocab_size, self._say)
+        rm = runsetup.build_run_model(cfg, world, self.tok.vocab_size, self._say)
         self.strategy, self.attention, self.n_params = rm.strategy, rm.attention, rm.n_params
         self.accepts, self.aux_coef = rm.accepts, rm.aux_coef
         self.flops_per_token, self.flops_source = rm.flops_per_token, rm.flops_source
         self.loader = build_loader(cfg, world, self.run_dir, self.tok, log=self._say)
         self.evaluator = build_evaluator(cfg, world, self.run_dir, self.tok, log=self._say)
         # wrapped for the strategy (and compiled per block) only now: a refused start costs no compile
-        self.model = wrap_model(rm.module, self.strategy, world, cfg.train, rm.init_mode)
+        self.model = parallel.wrap_model(rm.module, self.strategy, world, cfg.train, rm.init_mode)
         self.optimizer = build_optimizer(self.model, cfg.optim, world.device)
-        self.total_steps = total_steps(cfg, world)
+        self.total_steps = runsetup.total_steps(cfg, world)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.skip = SkipRanges(cfg.data.skip)  # data.skip: steps consumed without training
         self.sources = getattr(self.loader, "source_names", None) or []  # a mixture's named sources
         self.guard = GuardState()
         self.window = LogWindow(len(self.sources))
-        if (warning := schedule_warning(cfg, self.total_steps)) is not None:
+        if (warning := runsetup.schedule_warning(cfg, self.total_steps)) is not None:
             self._say(warning)
         if resume_from is not None:
             self.load_state_dict(self.checkpointer.load(resume_from, self.model, self.optimizer, saved))
@@ -110,12 +90,12 @@ class Trainer:
         )
         if world.is_main:
             write_run_files(self.run_dir, cfg, self.tok, self.loader)
-        self.autocast = autocast_of(cfg, world.device)
+        self.autocast = runsetup.autocast_of(cfg, world.device)
         self.batch_log = BatchLog(self.run_dir, world.rank, self.step) if cfg.log.batches else None
         self.peak_flops = device_peak_flops(world.device, cfg.log.peak_flops)
-        self.meter = run_meter(self)
+        self.meter = runsetup.run_meter(self)
         if world.is_main:
-            append_start(self.run_dir, start_record(self, resume_from), self._say)
+            runsetup.append_start(self.run_dir, runsetup.start_record(self, resume_from), self._say)
 
     def _say(self, msg: str) -> None:
         if self.world.is_main:
@@ -147,7 +127,7 @@ class Trainer:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.guard.load_state_dict(state.get("guard", {}))
         self.guard.bad_total = state.get("bad_steps", 0)
-        apply_optim_config(self.cfg, self.optimizer, self.scheduler, self.step, self.total_steps)
+        runsetup.apply_optim_config(self.cfg, self.optimizer, self.scheduler, self.step, self.total_steps)
         self.loader.load_state_dict(state["data"], allow_change=self.cfg.checkpoint.allow_config_change)
         # -- data plan: a re-weight on resume may add sources (the plan keeps the earlier ones)
         self.sources = getattr(self.loader, "source_names", None) or []
@@ -172,7 +152,8 @@ class Trainer:
         return self.elapsed + (time.perf_counter() - self._seg_start)
 
     def _should_stop(self) -> bool:
-        return any_rank(self.stop_signal is not None, self.world, self._votes)  # every rank stops together
+        # every rank stops at the same step
+        return parallel.any_rank(self.stop_signal is not None, self.world, self._votes)
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> dict:
@@ -181,7 +162,7 @@ class Trainer:
         # the first signal (or Ctrl-C) stops at the end of the step, with a checkpoint
         with StopSignals(stop_signals(t.preempt_signals), lambda name: setattr(self, "stop_signal", name)):
             self._seg_start = time.perf_counter()
-            self._say(run_banner(self))
+            self._say(runsetup.run_banner(self))
             if self.step >= self.total_steps:
                 self._say(f"nothing to do: the run is already at step {self.step} of {self.total_steps}")
                 return {"step": self.step, "stopped": "done"}
@@ -313,13 +294,13 @@ class Trainer:
         """Target tokens of the global batch. Without varlen every rank's count is the same
         (batch x (context - 1) per micro-batch): no collective needed."""
         if self.cfg.data.varlen:
-            return global_sum(local, self.world, self._votes)
+            return parallel.global_sum(local, self.world, self._votes)
         return local * self.world.world_size
 
     def _clip(self) -> torch.Tensor:
         if self._params is None:  # walking the module tree every step costs more than the norm
             self._params = [p for p in self.model.parameters() if p.requires_grad]
-        return clip_grad_norm(self._params, self.cfg.train.grad_clip)  # a plain tensor under FSDP too
+        return parallel.clip_grad_norm(self._params, self.cfg.train.grad_clip)  # a plain tensor, FSDP too
 
     def _log(self, gnorm) -> float:
         """Write the train record of this log step (meter.py: its fields and arithmetic); a collective."""
@@ -364,5 +345,5 @@ def run_training(cfg: Config, callbacks: list[Callback] | None = None) -> dict:
     finally:
         trainer.close()
     # after a clean finish only: after an error another rank may still be inside a collective
-    shutdown(trainer.world)
+    parallel.shutdown(trainer.world)
     return result

@@ -23,7 +23,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import shutil
 import sys
 import threading
 import time
@@ -49,7 +48,7 @@ from flame.data.sources import (
     read_unit,
 )
 from flame.data.sources import unit_bytes as unit_size
-from flame.data.tokenizer import Tokenizer, load_tokenizer
+from flame.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer_copy
 from flame.errors import DataError
 
 BATCH_DOCS = 1000
@@ -445,26 +444,15 @@ def _recorded_unit_bytes(output: Path, settings: dict) -> int | None:
 def _save_tokenizer_copy(tok: Tokenizer, output: Path) -> None:
     """A copy of the tokenizer inside the store, so training and export need nothing else."""
     final = output / "tokenizer"
-    tmp = output / f"tokenizer.tmp{os.getpid()}"
     try:
-        if load_tokenizer(str(final)).fingerprint == tok.fingerprint:
-            return  # a rerun: the copy is there already
-    except Exception:  # absent or incomplete: write it
-        pass
-    try:
-        tok.save_pretrained(str(tmp))
-        final.mkdir(exist_ok=True)
-        for f in os.listdir(tmp):
-            os.replace(tmp / f, final / f)
-    except Exception as e:  # OSError, or the tokenizers library's own error for a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise store.write_error("the tokenizer copy", final, e) from None
+        save_tokenizer_copy(tok, final)
+    except OSError as e:
+        raise store.write_error("the tokenizer copy", final, e) from None
+    except Exception as e:  # the tokenizers library's own error for a full disk
         raise DataError(
             f"cannot write the tokenizer copy {final}: {e}",
             hint="check free space and permissions there, then run the same command again",
         ) from None
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _PartLock:

@@ -346,3 +346,48 @@ def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
         out[added["id"]] = 0 if added.get("special") else len(added["content"].encode("utf-8"))
     out[tok.eos_id] = 0
     return out
+
+
+# written beside a tokenizer copy: a start compares one line instead of loading (and hashing) the copy
+COPY_FINGERPRINT = "flame-fingerprint.txt"
+
+
+def copy_fingerprint(folder: str | Path) -> str | None:
+    """The fingerprint of the tokenizer copy in `folder`: the line written beside it, else by loading
+    it (copies made before that file existed); None when there is none or it cannot be read."""
+    folder = Path(folder)
+    try:
+        return (folder / COPY_FINGERPRINT).read_text().strip() or None
+    except OSError:
+        pass
+    try:
+        return load_tokenizer(str(folder)).fingerprint
+    except Exception:  # absent, incomplete or unreadable: the caller writes a new copy
+        return None
+
+
+def save_tokenizer_copy(tok: Tokenizer, folder: str | Path, keep_old_as=None) -> None:
+    """Make `folder` a copy of `tok` (its files and its fingerprint), unless it is one already.
+
+    Written into a temporary sibling first and moved into place, so a crash leaves the old copy or
+    the new one. `keep_old_as(old_fingerprint) -> Path`: where a different earlier copy is moved
+    instead of deleted. Raises what writing raises (OSError, or the tokenizers library's error)."""
+    import shutil
+
+    final = Path(folder)
+    old = copy_fingerprint(final)
+    if old == tok.fingerprint:
+        return
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok.save_pretrained(str(tmp))
+        (tmp / COPY_FINGERPRINT).write_text(tok.fingerprint + "\n")
+        if old is not None and keep_old_as is not None and final.is_dir():
+            kept = Path(keep_old_as(old))
+            shutil.rmtree(kept, ignore_errors=True)
+            os.replace(final, kept)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
