@@ -146,3 +146,31 @@ def test_stop_signal_to_the_process_group_with_loader_workers_checkpoints(tmp_pa
     assert "Traceback" not in err and f"received {sig.name}" in out
     stopped = _records(run)[-1]["step"]
     assert list_checkpoints(run / "checkpoints")[-1].name == f"step-{stopped:08d}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_run_with_loader_workers_exits_after_finishing_or_failing(tmp_path, corpus, streaming):
+    """Workers still alive at exit are ended by the training process (multiprocessing's exit sends
+    them SIGTERM): they must go at once, whatever they defer from other senders, or the run hangs."""
+    run = tmp_path / "run"
+    cfg = _config(tmp_path, corpus, run, 0.0)
+    args = [*_train(cfg), "--data.num_workers", "2", "--data.streaming", str(streaming).lower()]
+    r = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(), timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [x["step"] for x in _records(run)][-1] == 8
+    # a crash inside the loop: the error, a non-zero exit, and no hang
+    bad = tmp_path / "bad"
+    over = {"model.overrides": {"delay": "not a number"}}
+    cfg = write_config(
+        tmp_path / "bad.toml",
+        {**tiny_overrides(bad, corpus), **over, "model.name": f"{tmp_path / 'slow.py'}:slow"},
+    )
+    r = subprocess.run(
+        [*_train(cfg), "--data.num_workers", "2", "--data.streaming", str(streaming).lower()],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=240,
+    )
+    assert r.returncode != 0 and "not a number" in r.stderr + r.stdout

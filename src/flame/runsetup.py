@@ -80,15 +80,14 @@ class RunModel:
     init_mode: str  # how fsdp initialises the weights
     attention: str
     n_params: int
-    flops_per_token: float
-    flops_source: str
-    accepts: frozenset  # forward()'s keyword arguments
+    accepts: set[str]  # forward()'s keyword arguments
     aux_coef: float  # the weight of a mixture of experts' router loss in the objective (0: none)
 
 
 def build_run_model(cfg: Config, world: World, vocab_size: int, say: Callable[[str], None]) -> RunModel:
     """Seed, then build the model of the config for this world (on the meta device where FSDP
-    materialises the weights later) and measure it."""
+    materialises the weights later) and count it. Its FLOPs are measured later
+    (`measure_flops`), once the data checked out: that can take seconds."""
     seed_everything(cfg.train.seed)
     strategy, mode = strategy_of(cfg.parallel, world), init_mode(cfg.parallel)
     with build_context(strategy, world, mode):
@@ -100,18 +99,20 @@ def build_run_model(cfg: Config, world: World, vocab_size: int, say: Callable[[s
         if getattr(hf, "output_router_logits", False)
         else 0.0
     )
-    flops, source = resolve_flops_per_token(model, cfg.data.context_len, cfg.model.flops_per_token, log=say)
     return RunModel(
         module=model,
         strategy=strategy,
         init_mode=mode,
         attention=attention_of(model),
         n_params=count_params(model),
-        flops_per_token=flops,
-        flops_source=source,
         accepts=forward_params(model),
         aux_coef=aux,
     )
+
+
+def measure_flops(rm: RunModel, cfg: Config, say: Callable[[str], None]) -> tuple[float, str]:
+    """(FLOPs per token, where the figure comes from) of the built model, for MFU."""
+    return resolve_flops_per_token(rm.module, cfg.data.context_len, cfg.model.flops_per_token, log=say)
 
 
 def run_meter(trainer) -> Meter:

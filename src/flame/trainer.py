@@ -65,9 +65,9 @@ class Trainer:
         rm = runsetup.build_run_model(cfg, world, self.tok.vocab_size, self._say)
         self.strategy, self.attention, self.n_params = rm.strategy, rm.attention, rm.n_params
         self.accepts, self.aux_coef = rm.accepts, rm.aux_coef
-        self.flops_per_token, self.flops_source = rm.flops_per_token, rm.flops_source
         self.loader = build_loader(cfg, world, self.run_dir, self.tok, log=self._say)
         self.evaluator = build_evaluator(cfg, world, self.run_dir, self.tok, log=self._say)
+        self.flops_per_token, self.flops_source = runsetup.measure_flops(rm, cfg, self._say)
         # wrapped for the strategy (and compiled per block) only now: a refused start costs no compile
         self.model = parallel.wrap_model(rm.module, self.strategy, world, cfg.train, rm.init_mode)
         self.optimizer = build_optimizer(self.model, cfg.optim, world.device)
@@ -96,6 +96,11 @@ class Trainer:
         self.meter = runsetup.run_meter(self)
         if world.is_main:
             runsetup.append_start(self.run_dir, runsetup.start_record(self, resume_from), self._say)
+
+    @property
+    def bad_steps_total(self) -> int:
+        """Steps whose update the guards skipped so far (trainer.json's "bad_steps")."""
+        return self.guard.bad_total
 
     def _say(self, msg: str) -> None:
         if self.world.is_main:

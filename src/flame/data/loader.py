@@ -8,7 +8,9 @@ m = w (mod workers), so the order never depends on the worker count.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -300,7 +302,7 @@ class PreparedLoader:
             num_workers=self.num_workers,
             prefetch_factor=4,
             persistent_workers=False,
-            worker_init_fn=ignore_stop_signals,
+            worker_init_fn=functools.partial(ignore_stop_signals, main_pid=os.getpid()),
         )
         for b in dl:
             for s in self.stores:  # the background checksum runs here, not in the workers

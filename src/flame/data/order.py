@@ -319,37 +319,52 @@ def samples_at(ks: np.ndarray, n: int, seed: int, shuffle: bool = True) -> tuple
     return epochs.reshape(shape), out.reshape(shape)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """A loader worker's `worker_init_fn`. A terminal's Ctrl-C, a scheduler's SIGTERM to the job
-    (and SIGUSR1/2, the usual preemption notices) reach the whole process group, but only the main
-    process acts on them: it checkpoints at the end of the step, then stops the workers. A worker
-    dying of the signal first would turn that into a crash. SIGINT and SIGUSR1/2 are ignored.
-    SIGTERM is also what the loader sends a worker stuck at shutdown, so it is deferred instead:
-    the worker goes on serving until the main process stops it or is gone, then exits."""
+def ignore_stop_signals(worker_id: int = 0, main_pid: int = 0) -> None:
+    """A loader worker's `worker_init_fn` (bind `main_pid`, the training process, with
+    functools.partial). A terminal's Ctrl-C, a scheduler's SIGTERM to the job (and SIGUSR1/2, the
+    usual preemption notices) reach the whole process group, but only the training process acts on
+    them: it checkpoints at the end of the step, then stops its workers. A worker dying of the signal
+    first would turn that into a crash. SIGINT and SIGUSR1/2 are ignored. SIGTERM is also how the
+    training process itself ends its workers (a stuck one at shutdown, every one at exit), so it is
+    told apart by its sender: from the training process it ends the worker at once; from anyone
+    else it is deferred until the training process stops the worker or is gone. (Where the sender
+    cannot be known, macOS, SIGTERM keeps its default.)"""
     import signal
+    import threading
 
     for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _exit_with_parent)
-
-
-def _exit_with_parent(signum, frame) -> None:
-    import os
-    import threading
-    import time
-
-    global _parent_watch
-    if _parent_watch is not None:
+    if not main_pid or not hasattr(signal, "sigtimedwait"):
         return
+    # blocked before any thread of ours starts, so every later thread inherits the mask and the
+    # signal waits for the watcher alone
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_sigterm_watch, args=(main_pid,), daemon=True, name="flame-sigterm").start()
+
+
+def _sigterm_watch(main_pid: int) -> None:
+    import os
+    import signal
+
     parent = os.getppid()
+    deferred = False
+    while True:
+        info = signal.sigtimedwait({signal.SIGTERM}, 0.2)
+        if info is not None:
+            if info.si_pid in (main_pid, parent):  # the training process (or its start method) ends us
+                os._exit(128 + signal.SIGTERM)
+            deferred = True  # the job's stop: the training process checkpoints, then ends us
+        if deferred and (os.getppid() != parent or not _alive(main_pid)):
+            os._exit(128 + signal.SIGTERM)
 
-    def watch() -> None:  # a thread: it runs even while the worker is stuck in a read
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(128 + signum)
 
-    _parent_watch = threading.Thread(target=watch, daemon=True, name="flame-exit-with-parent")
-    _parent_watch.start()
+def _alive(pid: int) -> bool:
+    import os
 
-
-_parent_watch = None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

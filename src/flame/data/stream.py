@@ -31,6 +31,7 @@ Resuming needs the same world size and worker count (use a prepared store for el
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -482,7 +483,7 @@ class StreamingLoader:
                 num_workers=self.num_workers,
                 prefetch_factor=4,
                 persistent_workers=False,
-                worker_init_fn=ignore_stop_signals,
+                worker_init_fn=functools.partial(ignore_stop_signals, main_pid=os.getpid()),
                 snapshot_every_n_steps=1,  # each batch carries its worker's stream state
             )
         self._dl_yielded = 0

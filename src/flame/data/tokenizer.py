@@ -369,25 +369,37 @@ def copy_fingerprint(folder: str | Path) -> str | None:
 def save_tokenizer_copy(tok: Tokenizer, folder: str | Path, keep_old_as=None) -> None:
     """Make `folder` a copy of `tok` (its files and its fingerprint), unless it is one already.
 
-    Written into a temporary sibling first and moved into place, so a crash leaves the old copy or
-    the new one. `keep_old_as(old_fingerprint) -> Path`: where a different earlier copy is moved
-    instead of deleted. Raises what writing raises (OSError, or the tokenizers library's error)."""
+    Written into a temporary sibling of a unique name first (the fingerprint file last) and moved
+    into place; a writer that finds another one's copy of the same tokenizer already in place is
+    done (parts of one store prepared at once). A crash leaves the old copy, the new one, or none
+    (the next start writes it). `keep_old_as(old_fingerprint) -> Path`: where a different earlier
+    copy is moved instead of deleted. Raises what writing raises (OSError, or the tokenizers
+    library's own error)."""
+    import errno
     import shutil
+    import tempfile
 
     final = Path(folder)
     old = copy_fingerprint(final)
     if old == tok.fingerprint:
         return
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f"{final.name}.tmp"))
     try:
         tok.save_pretrained(str(tmp))
         (tmp / COPY_FINGERPRINT).write_text(tok.fingerprint + "\n")
+        old = copy_fingerprint(final)  # again: another writer may have finished meanwhile
+        if old == tok.fingerprint:
+            return
         if old is not None and keep_old_as is not None and final.is_dir():
             kept = Path(keep_old_as(old))
             shutil.rmtree(kept, ignore_errors=True)
             os.replace(final, kept)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        if final.is_dir():
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.replace(tmp, final)
+        except OSError as e:  # another writer's copy landed in between: fine if it is this tokenizer
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or copy_fingerprint(final) != tok.fingerprint:
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
