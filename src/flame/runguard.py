@@ -12,6 +12,7 @@ from pathlib import Path
 
 from flame.config import Config
 from flame.errors import CheckpointError, ConfigError, FlameError
+from flame.procs import pid_alive
 
 
 class RunLock:
@@ -111,13 +112,7 @@ class RunLock:
             pid = owner.get("pid")
             if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
                 return None
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return None
-            except PermissionError:
-                pass
-            return {"pid": pid, "host": owner.get("host")}
+            return {"pid": pid, "host": owner.get("host")} if pid_alive(pid) else None
         for line in table.splitlines():
             f = line.split()  # "1: FLOCK  ADVISORY  WRITE 18972 fe:00:2678927 0 EOF"
             if len(f) >= 6 and f[1] == "FLOCK" and f[5] == inode:

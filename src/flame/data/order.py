@@ -346,6 +346,8 @@ def _sigterm_watch(main_pid: int) -> None:
     import os
     import signal
 
+    from flame.procs import pid_alive
+
     parent = os.getppid()
     deferred = False
     while True:
@@ -354,17 +356,5 @@ def _sigterm_watch(main_pid: int) -> None:
             if info.si_pid in (main_pid, parent):  # the training process (or its start method) ends us
                 os._exit(128 + signal.SIGTERM)
             deferred = True  # the job's stop: the training process checkpoints, then ends us
-        if deferred and (os.getppid() != parent or not _alive(main_pid)):
+        if deferred and (os.getppid() != parent or not pid_alive(main_pid)):
             os._exit(128 + signal.SIGTERM)
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -50,6 +50,7 @@ from flame.data.sources import (
 from flame.data.sources import unit_bytes as unit_size
 from flame.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer_copy
 from flame.errors import DataError
+from flame.procs import pid_alive
 
 BATCH_DOCS = 1000
 BATCH_CHARS = 8 << 20
@@ -266,16 +267,6 @@ class _UnitWorker:
 _worker: _UnitWorker | None = None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _exit_with(parent: int, interval: float = 0.5) -> None:
     """A watchdog thread: end this worker process when the `flame prepare` process that started it is
     gone (a kill -9 gives it no chance to stop its workers), so no orphan keeps tokenizing."""
@@ -284,7 +275,7 @@ def _exit_with(parent: int, interval: float = 0.5) -> None:
     def watch() -> None:
         while True:
             time.sleep(interval)
-            if os.getppid() != ppid or not _alive(parent):
+            if os.getppid() != ppid or not pid_alive(parent):
                 os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="flame-prepare-watchdog").start()
