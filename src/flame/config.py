@@ -87,6 +87,13 @@ class ModelConfig:
     )
     init_from: str = _f("", "Hugging Face model directory to load weights from (continued pretraining)")
     flops_per_token: float = _f(0.0, "training FLOPs per token for MFU; 0 = from the model or 6N + attention")
+    loss: Literal["auto", "fused", "logits"] = _f(
+        "auto",
+        "how the loss is computed: fused (hidden states -> head -> cross-entropy in chunks, no "
+        "[batch, time, vocab] logits), logits (from the model's logits), auto = fused where flame "
+        "reproduces the model's head exactly, else logits (said once)",
+    )
+    loss_chunk: int = _f(0, "fused loss: tokens per chunk of logits; 0 = auto (about 64 MiB of fp32 logits)")
     overrides: dict = _f(
         {},
         "extra fields set on the transformers config: in a TOML file overrides = {hidden_size = 512}, on "
@@ -587,6 +594,7 @@ def validate(cfg: Config) -> list[str]:
     positive("model.vocab_size", cfg.model.vocab_size, zero_ok=True)
     positive("model.flops_per_token", cfg.model.flops_per_token, zero_ok=True)
     positive("model.pad_vocab_multiple", cfg.model.pad_vocab_multiple, zero_ok=True)
+    positive("model.loss_chunk", cfg.model.loss_chunk, zero_ok=True)
     p.extend(_model_problems(cfg.model))
     nulls = _null_keys(cfg.model.overrides)
     if nulls:

@@ -24,7 +24,7 @@ from flame.config import Config
 from flame.data.build import build_eval_sets
 from flame.data.evalset import IGNORE, HeldOut
 from flame.data.tokenizer import Tokenizer, token_byte_lengths
-from flame.loss import model_logits, per_token_ce
+from flame.head import TokenLoss
 from flame.parallel import World
 
 _BATCH_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens")
@@ -71,9 +71,11 @@ class Evaluator:
             parts.append(f"{label} {h.store.path} ({how} windows)")
         return "eval: " + "; ".join(parts)
 
-    def sums(self, model: nn.Module, accepts: set[str], autocast=None) -> np.ndarray:
+    def sums(self, model: nn.Module, accepts: set[str], autocast=None, token_loss=None) -> np.ndarray:
         """[sets, 3] float64: (cross-entropy sum in nats, target tokens, target bytes) per held-out
-        set, summed over every rank. A collective when distributed: every rank calls it."""
+        set, summed over every rank. A collective when distributed: every rank calls it.
+        token_loss: the run's `flame.head.TokenLoss` (None: the logits path)."""
+        token_loss = token_loss or TokenLoss()
         world, B = self.world, self.batch_size
         device = world.device
         ctx = autocast or nullcontext
@@ -97,9 +99,9 @@ class Evaluator:
                                 t = b[k].pin_memory() if pin else b[k]
                                 batch[k] = t.to(device, non_blocking=pin)
                         with ctx():
-                            logits = model_logits(model, batch, accepts)
-                        loss[i] += per_token_ce(logits, batch["labels"]).sum(dtype=torch.float64)
-                        del logits
+                            ce = token_loss.per_token(model, batch, accepts)
+                        loss[i] += ce.sum(dtype=torch.float64)
+                        del ce
         finally:
             model.train(was_training)
         total = torch.cat([loss.view(-1, 1), torch.from_numpy(counts).to(device)], dim=1)
@@ -107,13 +109,15 @@ class Evaluator:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total.cpu().numpy()
 
-    def run(self, model: nn.Module, accepts: set[str], autocast=None, step: int = 0) -> list[dict]:
+    def run(
+        self, model: nn.Module, accepts: set[str], autocast=None, step: int = 0, loss=None
+    ) -> list[dict]:
         """Evaluate every held-out set; returns the records to log, the main one first.
 
         autocast: a callable returning the context manager of the forward pass (None: none).
         The main record holds `sources` ({name: {loss, bpb, tokens}}) for a mixture's held-out parts.
         """
-        s = self.sums(model, accepts, autocast)
+        s = self.sums(model, accepts, autocast, loss)
         srcs = s[1:] if self.has_main else s
         main = s[0] if self.has_main else srcs.sum(axis=0)
         rec = {"kind": "eval", "step": step, **_stats(*main.tolist())}

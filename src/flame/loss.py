@@ -3,23 +3,21 @@
 A step's objective is (sum of per-token cross-entropy over the global batch) / (target tokens in
 the global batch), whatever the masking, the micro-batch split or the number of ranks. So the
 model is asked for logits only; flame shifts the labels (position t predicts token t + 1),
-ignores -100 targets and reduces. Large vocabularies are handled in chunks of positions whose
-fp32 upcast is recomputed in the backward pass instead of kept, so no full fp32 copy of the
-logits outlives its chunk.
+ignores -100 targets and reduces. This module is the logits path (the model returns [B, T, V]
+logits); `flame.head` computes the same loss from the last hidden states and the output head in
+chunks, so the logits never exist (model.loss = auto|fused|logits).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from flame.errors import FlameError
 
 IGNORE = -100
-# logits elements per chunk (about 64 MiB of fp32): below it one chunk, no recomputation
-_CHUNK_ELEMS = 1 << 24
+# logits elements per chunk of fp32 temporaries (4 MiB: they stay in cache)
+_CHUNK_ELEMS = 1 << 20
 
 
 def labels_of(batch: dict) -> torch.Tensor:
@@ -74,29 +72,66 @@ def model_outputs(
     return logits, aux if isinstance(aux, torch.Tensor) else None
 
 
-def _ce_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE, reduction="none")
+def _rows_per_chunk(v: int, elems: int = _CHUNK_ELEMS) -> int:
+    return max(1, elems // max(1, v))
+
+
+def shifted_targets(labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """[B*T] targets of every position: the next label, -100 after a row's last position (so the
+    logits or hidden states are read as one [B*T, ...] view, never sliced into a copy)."""
+    b, t = labels.shape
+    shifted = torch.full((b, t), IGNORE, dtype=torch.int64, device=labels.device)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted.view(-1).to(device)
+
+
+class _LogitsCE(torch.autograd.Function):
+    """Per-row fp32 cross-entropy of materialised logits [N, V], 0 where the target is -100.
+
+    Forward keeps only a logsumexp per row (each chunk's fp32 copy is a temporary); backward writes
+    the gradient of the logits once, chunk by chunk: softmax minus the one-hot, times the row's
+    incoming gradient. One read of the logits each way and no saved log-softmax, so it is cheaper
+    than `F.cross_entropy` and holds one [N, V] tensor less."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        n, v = logits.shape
+        rows = _rows_per_chunk(v)
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        for i in range(0, n, rows):
+            lse[i : i + rows] = torch.logsumexp(logits[i : i + rows].float(), dim=-1)
+        valid = targets != IGNORE
+        safe = torch.where(valid, targets, 0)
+        picked = logits.gather(1, safe.view(-1, 1)).view(-1).float()
+        ce = torch.where(valid, lse - picked, 0.0)
+        ctx.save_for_backward(logits, lse, safe, valid)
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor):
+        logits, lse, safe, valid = ctx.saved_tensors
+        n, v = logits.shape
+        rows = _rows_per_chunk(v)
+        w = torch.where(valid, grad_ce.float(), 0.0)
+        grad = torch.empty_like(logits)
+        fp32 = logits.dtype == torch.float32
+        for i in range(0, n, rows):
+            j = min(n, i + rows)
+            x = logits[i:j]
+            p = torch.sub(x, lse[i:j, None], out=grad[i:j]) if fp32 else x.float().sub_(lse[i:j, None])
+            p.exp_().mul_(w[i:j, None])
+            p.scatter_add_(1, safe[i:j, None], -w[i:j, None])
+            if not fp32:
+                grad[i:j] = p
+        return grad, None
 
 
 def per_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """fp32 cross-entropy [B, T-1] of logits[:, :-1] against labels[:, 1:]; 0 where the label is -100."""
+    """fp32 cross-entropy [B, T-1] of logits[:, :-1] against labels[:, 1:]; 0 where the label is -100.
+    Differentiable per token."""
     b, t, v = logits.shape
-    # every position against the next label, the last one against nothing (-100): a view of the
-    # logits, where slicing off the last position would copy them whenever b > 1
-    flat = logits.reshape(-1, v)
-    shifted = torch.full((b, t), IGNORE, dtype=labels.dtype, device=labels.device)
-    shifted[:, :-1] = labels[:, 1:]
-    targets = shifted.view(-1).to(flat.device)
-    n = flat.shape[0]
-    rows = max(1, _CHUNK_ELEMS // max(1, v))
-    if n <= rows:
-        return _ce_rows(flat, targets).view(b, t)[:, :-1]
-    spans = [(flat[i : i + rows], targets[i : i + rows]) for i in range(0, n, rows)]
-    if torch.is_grad_enabled() and flat.requires_grad:  # keep the chunk's input, not its fp32 copy
-        parts = [checkpoint(_ce_rows, x, y, use_reentrant=False) for x, y in spans]
-    else:
-        parts = [_ce_rows(x, y) for x, y in spans]
-    return torch.cat(parts).view(b, t)[:, :-1]
+    targets = shifted_targets(labels, logits.device)
+    return _LogitsCE.apply(logits.reshape(-1, v), targets).view(b, t)[:, :-1]
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,11 @@ from flame.config import Config
 from flame.data.stream import check_resume_layout
 from flame.errors import ConfigError
 from flame.flops import resolve_flops_per_token
+from flame.head import head_verdict
 from flame.meter import Meter, memory_gib
 from flame.model import attention_of, build_model, count_params, forward_params, model_label
 from flame.optim import lr_factor
-from flame.parallel import World, build_context, init_mode, strategy_of
+from flame.parallel import World, build_context, init_mode, on_main_rank, strategy_of
 from flame.runguard import check_resume_compatible
 
 # Settings that change the data order or the model: a resume with a different value is refused.
@@ -82,6 +83,7 @@ class RunModel:
     n_params: int
     accepts: set[str]  # forward()'s keyword arguments
     aux_coef: float  # the weight of a mixture of experts' router loss in the objective (0: none)
+    head: tuple  # flame.head.head_verdict: (logit transforms, why the loss is not fused or '')
 
 
 def build_run_model(cfg: Config, world: World, vocab_size: int, say: Callable[[str], None]) -> RunModel:
@@ -99,14 +101,22 @@ def build_run_model(cfg: Config, world: World, vocab_size: int, say: Callable[[s
         if getattr(hf, "output_router_logits", False)
         else 0.0
     )
+    accepts = forward_params(model)
+    # decided on rank 0 (other ranks may hold meta weights) and shared: every rank computes alike
+    verdict = on_main_rank(world, lambda: head_verdict(model, cfg.model.loss, accepts, vocab_size))
+    if world.distributed:
+        box = [verdict]
+        torch.distributed.broadcast_object_list(box, src=0)
+        verdict = box[0]
     return RunModel(
         module=model,
         strategy=strategy,
         init_mode=mode,
         attention=attention_of(model),
         n_params=count_params(model),
-        accepts=forward_params(model),
+        accepts=accepts,
         aux_coef=aux,
+        head=verdict,
     )
 
 
@@ -134,7 +144,7 @@ def run_banner(trainer) -> str:
     cfg, world = trainer.cfg, trainer.world
     return (
         f"model: {model_label(cfg.model)} ({trainer.n_params / 1e6:.2f}M parameters, attention "
-        f"{trainer.attention}), strategy {trainer.strategy}, {world.world_size} process(es) on "
+        f"{trainer.attention}, loss {'fused' if trainer.loss.fused else 'from logits'}), strategy {trainer.strategy}, {world.world_size} process(es) on "
         f"{world.device.type}; {trainer.total_steps} steps of "
         f"{trainer.loader.global_batch * cfg.data.context_len:,} tokens"
     )
@@ -251,6 +261,7 @@ def start_record(trainer, resumed_from: Path | None) -> dict:
         "parameters": trainer.n_params,
         "model": model_label(trainer.cfg.model),
         "attention": trainer.attention,
+        "loss": "fused" if trainer.loss.fused else "logits",
         "flops_per_token": trainer.flops_per_token,
         "flops_source": trainer.flops_source,
         "peak_flops": trainer.peak_flops,

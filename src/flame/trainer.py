@@ -21,8 +21,9 @@ from flame.data.build import build_loader, resolve_tokenizer
 from flame.data.packed import SkipRanges
 from flame.evaluate import build_evaluator
 from flame.guards import GuardState, update_allowed, weights_finite
+from flame.head import token_loss
 from flame.logging import BatchLog, MetricsLogger, device_peak_flops
-from flame.loss import host_targets, labels_of, model_outputs, per_token_ce, sample_sums
+from flame.loss import host_targets, labels_of, sample_sums
 from flame.meter import LogWindow, step_record
 from flame.optim import build_optimizer, build_scheduler
 from flame.parallel import World
@@ -65,6 +66,9 @@ class Trainer:
         rm = runsetup.build_run_model(cfg, world, self.tok.vocab_size, self._say)
         self.strategy, self.attention, self.n_params = rm.strategy, rm.attention, rm.n_params
         self.accepts, self.aux_coef = rm.accepts, rm.aux_coef
+        self.loss = token_loss(rm.module, rm.head, cfg.model.loss_chunk)
+        if not self.loss.fused and cfg.model.loss == "auto":
+            self._say(f"loss: from the model's [batch, time, vocab] logits, not fused: {self.loss.reason}")
         self.loader = build_loader(cfg, world, self.run_dir, self.tok, log=self._say)
         self.evaluator = build_evaluator(cfg, world, self.run_dir, self.tok, log=self._say)
         self.flops_per_token, self.flops_source = runsetup.measure_flops(rm, cfg, self._say)
@@ -281,17 +285,15 @@ class Trainer:
             }
             sync = a == last or self.strategy != "ddp"
             with nullcontext() if sync else self.model.no_sync(), self.autocast():
-                logits, aux = model_outputs(self.model, batch, self.accepts)
+                s, ce, aux = self.loss(self.model, batch, self.accepts)
             labels = labels_of(batch)
-            ce = per_token_ce(logits, labels)
-            s = ce.sum()
             objective = s
             if aux is not None and self.aux_coef:  # a micro-batch's router loss, weighted by its tokens
                 objective = s + self.aux_coef * local[a] * aux.float()
             (objective * scale).backward()
             loss_sum += s.detach()
             if self.sources and "source" in batch:
-                sums, counts = sample_sums(ce.detach(), labels, batch["source"].numel())
+                sums, counts = sample_sums(ce, labels, batch["source"].numel())
                 self.window.add_sources(batch["source"], sums, counts)
         return loss_sum, targets
 
@@ -318,7 +320,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Held-out loss, perplexity and bits per byte (and per mixture source); logged, returned."""
         t0 = time.perf_counter()
-        records = self.evaluator.run(self.model, self.accepts, self.autocast, self.step)
+        records = self.evaluator.run(self.model, self.accepts, self.autocast, self.step, self.loss)
         for rec in records:
             self.logger.log(rec)
         self.meter.paused(time.perf_counter() - t0)
