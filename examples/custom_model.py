@@ -8,7 +8,10 @@ It shows the whole contract of a `pkg.module:function` model (README, "Models"):
   documents and `cu_seqlens` marks where each starts: attention stays inside a document;
 - its blocks sit in one nn.ModuleList (FSDP shards, activation checkpointing and compile work
   per block), `init_weights()` initializes it (parallel.init = meta), and `flops_per_token`
-  gives the MFU's FLOPs.
+  gives the MFU's FLOPs;
+- `get_output_embeddings()` names its output head (an nn.Linear its forward calls once on the final
+  hidden states): flame then computes the loss fused, from those hidden states, in chunks, without
+  ever holding the [B, T, V] logits (model.loss = auto).
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class TinyTransformer(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.RMSNorm):
                 nn.init.ones_(m.weight)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
 
     def flops_per_token(self, context_len: int) -> float:
         matmuls = sum(p.numel() for n, p in self.named_parameters() if n.startswith(("blocks", "head")))
