@@ -1,6 +1,6 @@
 """Training tokens/s per architecture: flame's step vs a bare PyTorch loop, side by side in one run.
 
-    .venv/bin/python bench/models.py [--quick] [--families llama,mamba,...]
+    .venv/bin/python bench/models.py [--quick] [--families llama,mamba,...] [--vocab 32000]
 
 Every family of the model zoo (tests/zoo.py: the configs the model-zoo tests train) at one fixed
 size: hidden 128, 4 layers (the zoo's other widths scaled alike), a 4,096-token byte-level BPE
@@ -13,6 +13,14 @@ cross-entropy of the shifted logits (the loss flame computes, without labels pas
 `backward(); clip_grad_norm_; AdamW.step(); zero_grad(); sched.step()`. A Trainer callback runs one
 bare step after every flame step, so both see the same machine load; each flame step is compared
 with the mean of the bare steps right before and after it.
+
+--vocab N (e.g. 32000 or 151936) gives every model N vocabulary rows (`model.vocab_size`, the bare
+loop's model too), while the BPE stays at min(N, --bpe-vocab) tokens (a BPE trained on this small
+corpus cannot reach 32k merges): rows past the tokenizer's are never targets, but every step
+computes and normalizes over all N, as with a real vocabulary. flame then runs each family twice,
+with `model.loss=fused` and `model.loss=logits` (--loss to choose), each beside its own bare loop,
+which always builds the [B, T, V] logits. Under --quick, --vocab trains a smaller set of families
+unless --families names them.
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # tests/zoo.py: the zoo's config
 from common import documents, emit, machine, md_table, train_bpe, write_jsonl  # noqa: E402
 from trainer_overhead import _world, bare_parts  # noqa: E402  the same bare loop's parts
 from zoo import ZOO  # noqa: E402
+
+# --quick --vocab: one of each kind of head (untied, tied, scaled logits, soft-capped, SSM)
+_QUICK_VOCAB_FAMILIES = ("gpt2", "llama", "qwen3_moe", "gemma", "gemma2", "mamba2")
 
 # the zoo's sizes are for hidden 64: these grow with the width
 _WIDTH_KEYS = {
@@ -62,8 +73,11 @@ def scaled(family: str, hidden: int, layers: int) -> dict:
     return out
 
 
-def one_family(family: str, store: Path, tmp: Path, args, steps: int, warmup: int) -> dict:
-    """flame and bare step times (seconds) of one family, interleaved step by step."""
+def one_family(
+    family: str, store: Path, tmp: Path, args, steps: int, warmup: int, loss: str = "auto"
+) -> dict:
+    """flame and bare step times (seconds) of one family, interleaved step by step; `loss`: flame's
+    model.loss (its path as used: r["loss"])."""
     import torch
     import torch.nn.functional as F
 
@@ -71,15 +85,16 @@ def one_family(family: str, store: Path, tmp: Path, args, steps: int, warmup: in
     from flame.data.build import build_loader, resolve_tokenizer
     from flame.trainer import run_training
 
-    folder = tmp / f"config-{family}"
+    folder = tmp / f"config-{family}-{loss}"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(scaled(family, args.hidden, args.layers)))
     total = warmup + steps + 1  # +1: the first flame step has no start mark
-    run_dir = tmp / f"run-{family}"
+    run_dir = tmp / f"run-{family}-{loss}"
     cfg = load_config(
         overrides={
             "model.name": str(folder / "config.json"),
-            "model.vocab_size": 0,
+            "model.vocab_size": args.vocab or 0,
+            "model.loss": loss,
             "data.store": str(store),
             "data.context_len": args.context,
             "data.batch_size": args.batch,
@@ -113,9 +128,12 @@ def one_family(family: str, store: Path, tmp: Path, args, steps: int, warmup: in
     flame_t: list[float] = []
     bare_t: list[float] = []
     last_exit: list[float | None] = [None]
+    path: list[str] = []
 
     def callback(trainer) -> None:
         t_in = time.perf_counter()
+        if not path:
+            path.append("fused" if trainer.loss.fused else "logits")
         if last_exit[0] is not None:
             flame_t.append(t_in - last_exit[0])
         t0 = time.perf_counter()
@@ -128,6 +146,9 @@ def one_family(family: str, store: Path, tmp: Path, args, steps: int, warmup: in
     # flame_t[j] is flame step j + 2; bare_t[j] ran right before it and bare_t[j + 1] right after
     around = [(x + y) / 2 for x, y in zip(bare_t, bare_t[1:])]
     return {
+        "loss": path[0],
+        "rows": model.get_input_embeddings().weight.shape[0],
+        "tokenizer": tok.vocab_size,
         "params": n_params,
         "flame": flame_t[warmup:],
         "bare": around[warmup:],
@@ -141,6 +162,7 @@ def row(family: str, r: dict) -> list:
     ratio = med([x / y for x, y in zip(r["flame"], r["bare"])]) - 1
     return [
         family,
+        r["loss"],
         f"{r['params'] / 1e6:.2f}M",
         f"{r['tokens'] / f:,.0f}",
         f"{r['tokens'] / b:,.0f}",
@@ -157,16 +179,42 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="a ~1-minute version: 4 x 128 tokens a step, 8 measured steps (model sizes unchanged)",
     )
-    ap.add_argument("--families", default=",".join(ZOO), help="comma-separated zoo families (default all)")
+    ap.add_argument(
+        "--families",
+        default=None,
+        help="comma-separated zoo families (default all; with --quick --vocab: "
+        f"{','.join(_QUICK_VOCAB_FAMILIES)})",
+    )
     ap.add_argument("--steps", type=int, default=None, help="measured steps per family (default 20)")
     ap.add_argument("--warmup", type=int, default=None, help="steps dropped at the start (default 3)")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--context", type=int, default=None, help="tokens per sample (default 256)")
     ap.add_argument("--batch", type=int, default=None, help="samples per step (default 8)")
-    ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary (trained in-process)")
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        default=0,
+        help="model vocabulary rows, e.g. 32000 or 151936 (the BPE: min(this, --bpe-vocab)); flame runs "
+        "with model.loss=fused and =logits (default: the BPE's own size, model.loss=auto)",
+    )
+    ap.add_argument("--bpe-vocab", type=int, default=4096, help="BPE vocabulary (trained in-process)")
+    ap.add_argument(
+        "--loss",
+        default=None,
+        help="comma-separated model.loss values to run flame with (auto, fused, logits); default "
+        "fused,logits with --vocab, else auto",
+    )
     args = ap.parse_args(argv)
     q = args.quick
+    bpe = min(args.vocab, args.bpe_vocab) if args.vocab else args.bpe_vocab
+    losses = [
+        x.strip() for x in (args.loss or ("fused,logits" if args.vocab else "auto")).split(",") if x.strip()
+    ]
+    if bad := [x for x in losses if x not in ("auto", "fused", "logits")]:
+        ap.error(f"unknown --loss values {bad}: auto, fused or logits")
+    if args.families is None:
+        args.families = ",".join(_QUICK_VOCAB_FAMILIES if q and args.vocab else ZOO)
     steps = args.steps or (8 if q else 20)
     warmup = args.warmup if args.warmup is not None else (2 if q else 3)
     args.context = args.context or (128 if q else 256)
@@ -186,42 +234,59 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(td)
         docs = documents(2 << 20)
         files = write_jsonl(docs, tmp / "corpus", 2)
-        tok = train_bpe(docs, tmp / "tok", vocab_size=args.vocab, sample_bytes=1 << 20)
+        tok = train_bpe(docs, tmp / "tok", vocab_size=bpe, sample_bytes=1 << 20)
         store = tmp / "store"
         prepare([str(f) for f in files], str(tok), str(store), workers=1, progress=False, log=lambda m: None)
         # untimed: the process's one-time costs (lazy imports, thread pools) land on no family's figures
-        one_family(families[0], store, tmp / "warm-up", args, 1, 0)
+        with contextlib.suppress(Exception):  # a family that fails says so in its own row below
+            one_family(families[0], store, tmp / "warm-up", args, 1, 0, losses[-1])
+        tok_vocab, model_rows = bpe, args.vocab
         for family in families:
-            t0 = time.perf_counter()
-            try:
-                r = one_family(family, store, tmp, args, steps, warmup)
-            except Exception as e:  # one family failing does not lose the others' figures
-                rows.append([family, "-", "-", "-", "-", "-", f"failed: {type(e).__name__}: {e}"[:120]])
-                print(f"{family}: failed: {e}", file=sys.stderr, flush=True)
-                continue
-            rows.append(row(family, r))
-            took = time.perf_counter() - t0
-            print(
-                f"{family}: {rows[-1][2]} vs {rows[-1][3]} tokens/s ({took:.0f} s)",
-                file=sys.stderr,
-                flush=True,
-            )
-    cmd = "bench/models.py" + (" --quick" if q else "")
+            for loss in losses:
+                t0 = time.perf_counter()
+                try:
+                    r = one_family(family, store, tmp, args, steps, warmup, loss)
+                except Exception as e:  # one family failing does not lose the others' figures
+                    why = f"failed: {type(e).__name__}: {e}"
+                    rows.append([family, f"{loss}: failed", "-", "-", "-", "-", "-", why[:160]])
+                    print(f"{family} ({loss}): {why}", file=sys.stderr, flush=True)
+                    continue
+                rows.append(row(family, r))
+                tok_vocab, model_rows = r["tokenizer"], r["rows"]
+                took = time.perf_counter() - t0
+                print(
+                    f"{family} ({r['loss']}): {rows[-1][3]} vs {rows[-1][4]} tokens/s ({took:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    cmd = "bench/models.py" + (" --quick" if q else "") + (f" --vocab {args.vocab}" if args.vocab else "")
+    if args.vocab:
+        vocab_text = (
+            f"{tok_vocab:,}-token byte-level BPE, models with {model_rows:,} vocabulary rows "
+            "(`model.vocab_size`, the bare loop's model too: rows past the tokenizer's are never targets, "
+            "but every step computes all of them)"
+        )
+    else:
+        vocab_text = f"{tok_vocab:,}-token byte-level BPE"
     text = "\n".join(
         [
             f"# Training throughput per architecture (`.venv/bin/python {cmd}`)",
             "",
             f"Machine: {header}; {torch.get_num_threads()} torch threads.",
-            f"Every zoo family at hidden {args.hidden}, {args.layers} layers; {args.vocab:,}-token byte-level "
-            f"BPE; {args.batch} x {args.context} tokens a step; fp32 on CPU, AdamW, clipping. "
+            f"{'Every zoo family' if len(families) == len(ZOO) else 'Zoo families'} at hidden {args.hidden}, "
+            f"{args.layers} layers; {vocab_text}; {args.batch} x {args.context} tokens a step; fp32 on CPU, "
+            "AdamW, clipping. "
             f"{steps} measured steps after {warmup} warmup step(s), each flame step paired with the "
             "mean of the bare steps right before and after it. flame: `run_training` (log interval 10, "
-            "non-finite guard on, checkpoints off); bare: forward without labels, cross-entropy of the "
-            "shifted logits, backward, clip, AdamW, schedule.",
+            "non-finite guard on, checkpoints off; `model.loss` "
+            f"{' and '.join(losses)}, the path it used in the flame loss column: `trainer.loss.fused`); "
+            "bare: forward without labels, cross-entropy of the shifted logits (always the [B, T, V] "
+            "logits), backward, clip, AdamW, schedule.",
             "",
             md_table(
                 [
                     "model",
+                    "flame loss",
                     "parameters",
                     "flame tokens/s",
                     "bare tokens/s",
@@ -237,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
             "little about a GPU; the flame-vs-bare column is what this table measures.",
         ]
     )
-    emit("models", text)
+    emit("models" + (f"-vocab{args.vocab}" if args.vocab else ""), text)
 
 
 if __name__ == "__main__":

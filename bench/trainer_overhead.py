@@ -1,6 +1,6 @@
 """Step time of flame's training loop vs a bare PyTorch loop, interleaved step by step in one process.
 
-    .venv/bin/python bench/trainer_overhead.py [--quick]
+    .venv/bin/python bench/trainer_overhead.py [--quick] [--vocab 32000]
 
 Both train the same model (built by `flame.model.build_model` from the same seed) on the same
 batches (read from one prepared store; the bare loop gets them pre-loaded in memory, so flame's
@@ -12,6 +12,12 @@ step sits between two bare steps and both see the same machine load. A flame ste
 one callback's end to the next callback's start: everything the loop does (data, forward, backward,
 clip, non-finite guard, optimizer, scheduler, logging, stop checks) except the callback itself.
 The overhead is the median over steps of (flame step / mean of the bare steps around it) - 1.
+
+--vocab N adds rows of the main model with N vocabulary rows (`model.vocab_size`; e.g. 32000 or
+151936), flame once with `model.loss=fused` and once with `model.loss=logits`, each beside the same
+bare loop (the same model, same rows; its `labels=` loss computes the [B, T, V] logits). The data
+stays byte-tokenized: rows past the tokenizer's 257 are never targets, but every step computes and
+normalizes over all N, as with a real vocabulary.
 """
 
 from __future__ import annotations
@@ -60,10 +66,14 @@ def bare_parts(cfg, vocab: int):
     return model, opt, sched
 
 
-def one_repeat(store: Path | str, run_dir: Path, shape: Shape, steps: int) -> tuple[list[float], list[float]]:
-    """(flame step seconds, mean seconds of the bare steps run right before and after each).
+def one_repeat(
+    store: Path | str, run_dir: Path, shape: Shape, steps: int, extra: dict | None = None
+) -> tuple[list[float], list[float], str]:
+    """(flame step seconds, mean seconds of the bare steps run right before and after each, the loss
+    path flame used: "fused" or "logits").
 
-    `store` is a store path, or a `data.mix` spec (flame then also does per-source accounting).
+    `store` is a store path, or a `data.mix` spec (flame then also does per-source accounting);
+    `extra`: more config overrides (model.vocab_size, model.loss).
     """
     import torch
 
@@ -83,6 +93,7 @@ def one_repeat(store: Path | str, run_dir: Path, shape: Shape, steps: int) -> tu
             "train.device": "cpu",
             "train.sample_tokens": 0,
             "checkpoint.interval": 0,
+            **(extra or {}),
         }
     )
     tok = resolve_tokenizer(cfg)
@@ -125,7 +136,8 @@ def one_repeat(store: Path | str, run_dir: Path, shape: Shape, steps: int) -> tu
         trainer.close()
     # flame_t[j] is flame step j + 2 (step 1 has no start mark); bare_t[j] ran right before it and
     # bare_t[j + 1] right after: compare with their mean, so a load trend biases neither side
-    return flame_t, [(x + y) / 2 for x, y in zip(bare_t, bare_t[1:])]
+    path = "fused" if trainer.loss.fused else "logits"
+    return flame_t, [(x + y) / 2 for x, y in zip(bare_t, bare_t[1:])], path
 
 
 def _world():
@@ -155,34 +167,52 @@ class Shape:
             "num_key_value_heads": heads,
         }
 
-    def label(self) -> str:
+    def params(self, vocab: int = 0) -> int:
+        """Parameters with `vocab` vocabulary rows (0: the byte tokenizer's 257)."""
         from flame.config import ModelConfig
         from flame.model import build_model
 
-        n = sum(
-            p.numel()
-            for p in build_model(ModelConfig(overrides=self.overrides()), 257, self.context).parameters()
-        )
+        mc = ModelConfig(overrides=self.overrides(), vocab_size=vocab)
+        return sum(p.numel() for p in build_model(mc, 257, self.context).parameters())
+
+    def label(self) -> str:
+        n = self.params()
         return f"hidden {self.hidden}, {self.layers} layers ({n / 1e6:.2f}M), {self.batch} x {self.context} tokens"
 
 
-def measure(store: Path | str, tmp: Path, shape: Shape, repeats: int, steps: int, warmup: int, tag: str):
-    """Per-repeat rows and the pooled (flame, bare, ratio) lists of one model shape."""
-    rows, all_f, all_b, all_r = [], [], [], []
+def measure(
+    store: Path | str,
+    tmp: Path,
+    shape: Shape,
+    repeats: int,
+    steps: int,
+    warmup: int,
+    tag: str,
+    extra: dict | None = None,
+):
+    """Per-repeat rows and the pooled row of one model shape (`extra`: more config overrides)."""
+    rows, all_f, all_b, all_r, paths = [], [], [], [], set()
     for r in range(repeats):
         # +1: the first flame step has no start mark; warmup steps are dropped after
-        f, b = one_repeat(store, tmp / f"run-{tag}-{r}", shape, warmup + steps + 1)
+        f, b, path = one_repeat(store, tmp / f"run-{slug(tag)}-{r}", shape, warmup + steps + 1, extra)
         f, b = f[warmup:], b[warmup:]
         ratios = [x / y for x, y in zip(f, b)]
         all_f += f
         all_b += b
         all_r += ratios
-        rows.append(_row(f"{tag}, run {r + 1}", f, b, ratios))
-        print(f"{tag} run {r + 1}/{repeats}: {rows[-1][2]} vs {rows[-1][3]} ms", file=sys.stderr, flush=True)
-    return rows, _row(f"**{tag}, all**", all_f, all_b, all_r, bold=True)
+        paths.add(path)
+        rows.append(_row(f"{tag}, run {r + 1}", path, f, b, ratios))
+        print(f"{tag} run {r + 1}/{repeats}: {rows[-1][3]} vs {rows[-1][4]} ms", file=sys.stderr, flush=True)
+    return rows, _row(f"**{tag}, all**", "/".join(sorted(paths)), all_f, all_b, all_r, bold=True)
 
 
-def _row(name: str, f: list[float], b: list[float], ratios: list[float], bold: bool = False) -> list:
+def slug(tag: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in tag)
+
+
+def _row(
+    name: str, path: str, f: list[float], b: list[float], ratios: list[float], bold: bool = False
+) -> list:
     med = statistics.median
     diff = med([x - y for x, y in zip(f, b)])
     cells = [
@@ -195,7 +225,7 @@ def _row(name: str, f: list[float], b: list[float], ratios: list[float], bold: b
     ]
     if bold:
         cells = [f"**{c}**" for c in cells]
-    return [name, len(f), *cells]
+    return [name, path, len(f), *cells]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,7 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--layers", type=int, default=4, help="main model layers")
     ap.add_argument("--context", type=int, default=128, help="main model context")
     ap.add_argument("--batch", type=int, default=8, help="main model batch")
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        default=0,
+        help="also run the main model with this many vocabulary rows (e.g. 32000, 151936), flame with "
+        "model.loss=fused and =logits; the data stays byte-tokenized (default: off)",
+    )
     args = ap.parse_args(argv)
+    if args.vocab and args.vocab < 257:
+        ap.error("--vocab must be at least the byte tokenizer's 257 tokens")
     q = args.quick
     repeats = args.repeats or (2 if q else 5)
     steps = args.steps or (10 if q else 30)
@@ -240,7 +279,26 @@ def main(argv: list[str] | None = None) -> None:
         mix = f"a={halves[0]}:0.7,b={halves[1]}:0.3"
         mix_rows, mix_total = measure(mix, tmp, main_shape, max(1, repeats // 2), steps, warmup, "mixture")
         _, micro_total = measure(store, tmp, micro, micro_repeats, micro_steps, 10, "micro")
-    cmd = "bench/trainer_overhead.py" + (" --quick" if q else "")
+        vocab_rows = []
+        for loss in ("fused", "logits") if args.vocab else ():
+            extra = {"model.vocab_size": args.vocab, "model.loss": loss}
+            tag = f"main, {args.vocab:,} rows, {loss}"
+            v_rows, v_total = measure(store, tmp, main_shape, max(1, repeats // 2), steps, warmup, tag, extra)
+            vocab_rows += [*v_rows, v_total]
+    cmd = (
+        "bench/trainer_overhead.py"
+        + (" --quick" if q else "")
+        + (f" --vocab {args.vocab}" if args.vocab else "")
+    )
+    vocab_note = (
+        f" main, {args.vocab:,} rows: the main model with {args.vocab:,} vocabulary rows "
+        f"({main_shape.params(args.vocab) / 1e6:.2f}M parameters; the byte data never targets the rows past "
+        f"257, but every step computes all {args.vocab:,}), {max(1, repeats // 2)} fresh run(s) per loss path; "
+        "the bare loop's `labels=` loss builds the [batch, time, vocab] logits, so the fused rows compare "
+        "flame's fused head + cross-entropy with the logits path, not only the loop."
+        if args.vocab
+        else ""
+    )
     text = "\n".join(
         [
             f"# flame trainer overhead (`.venv/bin/python {cmd}`)",
@@ -250,16 +308,18 @@ def main(argv: list[str] | None = None) -> None:
             "itself). Byte tokenizer (257), fp32 on CPU, AdamW, clip 1.0.",
             "Data: 2 MB of the standard library's sources, prepared once (`flame prepare`, byte tokenizer).",
             "flame: `Trainer` with the defaults (log interval 10, non-finite guard on), checkpoints off; "
-            "its loss is flame's token-weighted cross-entropy from the logits, the bare loop's the model's "
+            "its loss is flame's token-weighted cross-entropy, fused with the output head or from the "
+            "logits (the flame loss column: `trainer.loss.fused`), the bare loop's the model's "
             "own `labels=` loss. mixture: the same model on a 2-store `data.mix` (0.7 / 0.3), so flame also "
             "accounts loss and tokens per source. "
             f"main: {repeats} fresh runs x {steps} measured steps after {warmup} warmup steps; micro: "
             f"{micro_repeats} x {micro_steps} after 10. Each flame step is paired with the mean of the bare "
-            "steps run right before and right after it.",
+            "steps run right before and right after it." + vocab_note,
             "",
             md_table(
                 [
                     "run",
+                    "flame loss",
                     "steps",
                     "flame ms/step (median)",
                     "bare ms/step (median)",
@@ -268,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
                     "overhead of the fastest steps (min / min)",
                     "overhead (sum of times)",
                 ],
-                [*rows, total, *mix_rows, mix_total, micro_total],
+                [*rows, total, *mix_rows, mix_total, micro_total, *vocab_rows],
             ),
             "",
             "Target: <= 5% (BENCHMARKS.md aims at <= 2%). On a shared machine a burst of load can land on "
@@ -276,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
             "column includes the logging steps (one in 10) and is the noisiest.",
         ]
     )
-    emit("trainer_overhead" + ("-quick" if q else ""), text)
+    emit("trainer_overhead" + ("-quick" if q else "") + (f"-vocab{args.vocab}" if args.vocab else ""), text)
 
 
 if __name__ == "__main__":

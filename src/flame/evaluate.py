@@ -109,9 +109,7 @@ class Evaluator:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return total.cpu().numpy()
 
-    def run(
-        self, model: nn.Module, accepts: set[str], autocast=None, step: int = 0, loss=None
-    ) -> list[dict]:
+    def run(self, model: nn.Module, accepts: set[str], autocast=None, step: int = 0, loss=None) -> list[dict]:
         """Evaluate every held-out set; returns the records to log, the main one first.
 
         autocast: a callable returning the context manager of the forward pass (None: none).
