@@ -38,34 +38,28 @@ _MIN_ROWS = 256
 Op = tuple[str, float]  # ("mul", s) | ("div", s) | ("softcap", c), applied to the logits in order
 
 
-def _apply_ops(z: torch.Tensor, ops: tuple[Op, ...]) -> torch.Tensor:
+def _apply_ops(z: torch.Tensor, ops: tuple[Op, ...], slopes: list | None = None) -> torch.Tensor:
+    """The model's transform of its head's output z, as the model writes it. With `slopes`, each
+    op's derivative is appended to it (a number, or a tensor like z for the soft cap)."""
     for kind, c in ops:
         if kind == "mul":
             z = z * c
         elif kind == "div":
             z = z / c
-        else:  # the soft cap as transformers writes it: c * tanh(z / c)
-            z = torch.tanh(z / c) * c
+        else:  # the soft cap as transformers writes it: tanh(z / c) * c
+            t = torch.tanh(z / c)
+            z = t * c
+            if slopes is not None:
+                t = t.square_().neg_().add_(1)  # 1 - tanh^2, from the forward's own tanh
+        if slopes is not None:
+            slopes.append(c if kind == "mul" else 1 / c if kind == "div" else t)
     return z
 
 
-def _ops_grad(z: torch.Tensor, ops: tuple[Op, ...], g: torch.Tensor) -> torch.Tensor:
-    """d(loss)/d(head output) from d(loss)/d(transformed logits) `g`, in place on g; z is the
-    head's output (fp32)."""
-    if not ops:
-        return g
-    # forward values before each op, recomputed (the chunk is small); then the chain rule backwards
-    vals = []
-    for kind, c in ops:
-        vals.append(z)
-        z = _apply_ops(z, ((kind, c),))
-    for (kind, c), x in zip(reversed(ops), reversed(vals)):
-        if kind == "mul":
-            g.mul_(c)
-        elif kind == "div":
-            g.div_(c)
-        else:
-            g.mul_(1 - torch.tanh(x / c).square_())
+def _chain(g: torch.Tensor, slopes: list) -> torch.Tensor:
+    """d(loss)/d(head output) from d(loss)/d(transformed logits), in place on g."""
+    for s in slopes:
+        g.mul_(s)
     return g
 
 
@@ -106,7 +100,8 @@ class _FusedLinearCE(torch.autograd.Function):
             j = min(n, i + rows)
             xc = x[i:j]
             z = F.linear(xc, w, b).float()
-            y = _apply_ops(z, ops) if ops else z  # with ops a new tensor: z is kept for their gradient
+            slopes: list | None = [] if any(want) else None
+            y = _apply_ops(z, ops, slopes) if ops else z
             picked = y.gather(1, safe[i:j, None]).view(-1)
             m = y.amax(dim=1, keepdim=True)
             p = y.sub_(m).exp_()  # in place: y is this chunk's own
@@ -116,7 +111,7 @@ class _FusedLinearCE(torch.autograd.Function):
                 continue
             vc = valid[i:j, None].to(f32)
             p.div_(s).mul_(vc).scatter_add_(1, safe[i:j, None], -vc)  # softmax - one-hot, kept rows
-            gz = _ops_grad(z, ops, p)
+            gz = _chain(p, slopes)
             gz = gz if dtype == f32 else gz.to(dtype)
             if g_hidden is not None:
                 torch.mm(gz, w, out=g_hidden[i:j])
