@@ -14,7 +14,7 @@ from zoo import ZOO
 
 import flame.loss as loss_mod
 from flame.config import load_config
-from flame.errors import ConfigError
+from flame.errors import ConfigError, FlameError
 from flame.head import TokenLoss, _apply_ops, fused_ce, head_verdict, token_loss
 from flame.loss import per_token_ce
 from flame.model import forward_params
@@ -128,6 +128,81 @@ def test_an_undeclared_transform_falls_back_and_fused_is_refused(capsys):
     from flame.head import _probe
 
     assert "differ" in _probe(gemma, model_ops, forward_params(gemma), VOCAB)
+
+
+class _Custom(nn.Module):
+    """A bigram model with an output head and one thing done to its logits after it."""
+
+    def __init__(self, after: str):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.head = nn.Linear(16, VOCAB, bias=False)
+        self.after = after
+        if after == "zero head, undeclared cap":
+            nn.init.zeros_(self.head.weight)
+        self.temperature = nn.Parameter(torch.ones(())) if after == "learned temperature" else None
+        self.logit_bias = nn.Parameter(torch.zeros(VOCAB)) if after == "learned logit bias" else None
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids):
+        z = self.head(self.emb(input_ids))
+        if self.after == "zero head, undeclared cap":
+            z = torch.tanh(z / 15) * 15 * 0.5
+        elif self.after == "learned temperature":
+            z = z / self.temperature
+        elif self.after == "learned logit bias":
+            z = z + self.logit_bias
+        elif self.after == "only in training" and self.training:
+            z = z / 2.0
+        elif self.after == "clamp at 45":
+            z = z.clamp(-45, 45)
+        elif self.after == "head twice in training" and self.training:
+            z = z + 0 * self.head(self.emb(input_ids))
+        return z
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        "zero head, undeclared cap",
+        "learned temperature",
+        "learned logit bias",
+        "only in training",
+        "clamp at 45",
+        "head twice in training",
+    ],
+)
+def test_the_probe_sees_what_a_model_does_after_its_head(after):
+    """Each of these is invisible at initialisation, in eval mode or for logits below +-40; the
+    probe refuses them all (the fused path would train another loss, or not train a parameter)."""
+    model = _Custom(after)
+    accepts = forward_params(model)
+    frozen = model.emb.train(False)  # a submodule kept in eval: the probe leaves it so
+    ops, why = head_verdict(model, "auto", accepts, VOCAB)
+    assert why, after
+    assert not frozen.training and model.training
+    with pytest.raises(ConfigError, match="model.loss = fused"):
+        head_verdict(model, "fused", accepts, VOCAB)
+    plain = _Custom("nothing")
+    assert head_verdict(plain, "fused", forward_params(plain), VOCAB) == ((), "")
+
+
+def test_the_fused_loss_refuses_a_second_backward_and_skips_gradients_without_grad():
+    torch.manual_seed(0)
+    h = torch.randn(2, 9, 16, requires_grad=True)
+    w = torch.randn(VOCAB, 16, requires_grad=True)
+    labels = torch.randint(0, VOCAB, (2, 9))
+    total, _ = fused_ce(h, w, None, labels)
+    total.backward(retain_graph=True)
+    with pytest.raises(FlameError, match="back-propagated twice"):
+        total.backward()
+    guard = _SizeGuard(VOCAB * 16)
+    with torch.no_grad(), guard:
+        fused_ce(h, w, None, labels)
+    made = [(f, shape) for f, shape in guard.big if "detach" not in f and ".t." not in f]
+    assert made and all(shape != (VOCAB, 16) for _, shape in made), made  # no [V, H] gradient
 
 
 def test_a_model_without_a_reachable_head_takes_the_logits_path(tmp_path, corpus):

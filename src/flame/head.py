@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from flame.errors import ConfigError
+from flame.errors import ConfigError, FlameError
 from flame.loss import IGNORE, labels_of, model_outputs, per_token_ce, shifted_targets
 
-# logits elements of one chunk (16 M: 64 MiB of fp32 per temporary), at least _MIN_ROWS tokens so
-# the head's matmuls stay efficient; model.loss_chunk sets the tokens per chunk instead
+# logits elements of one chunk (16 M: 64 MiB of fp32 per temporary, more above 65,536 ids), at
+# least _MIN_ROWS tokens so the head's matmuls stay efficient; model.loss_chunk sets it instead
 _CHUNK_ELEMS = 1 << 24
 _MIN_ROWS = 256
 
@@ -61,6 +62,17 @@ def _chain(g: torch.Tensor, slopes: list) -> torch.Tensor:
     for s in slopes:
         g.mul_(s)
     return g
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc (fp32) + a @ b (bf16): on CUDA one fp32-output matmul, no [V, H] temporary; elsewhere
+    (no such kernel) one bf16 product added in."""
+    if acc.is_cuda:
+        try:
+            return torch.addmm(acc, a, b, out_dtype=torch.float32)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return acc.add_(a @ b)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -118,8 +130,8 @@ class _FusedLinearCE(torch.autograd.Function):
             if g_weight is not None:
                 if dtype == f32:
                     g_weight.addmm_(gz.t(), xc)
-                else:  # bf16 products, accumulated over chunks in fp32
-                    g_weight += (gz.t() @ xc).to(f32)
+                else:
+                    g_weight = _add_product(g_weight, gz.t(), xc)
             if g_bias is not None:
                 g_bias += gz.sum(0, dtype=f32)
         ctx.mark_non_differentiable(ce)
@@ -128,9 +140,16 @@ class _FusedLinearCE(torch.autograd.Function):
         return ce.sum(), ce
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_sum, _g_ce):
-        out = [None if g is None else (g * g_sum).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
-        ctx.grads = None
+        if ctx.grads is None:
+            raise FlameError(
+                "the fused loss was back-propagated twice (retain_graph): its gradients are computed "
+                "once, in the forward pass",
+                hint="back-propagate each loss once, or set --model.loss logits",
+            )
+        out = [None if g is None else g.mul_(g_sum).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None  # freed now, though the graph's outputs may live on
         return (*out, None, None, None, None)
 
 
@@ -147,6 +166,9 @@ def fused_ce(
     by one; -100 targets count nothing. Matmuls run in the autocast dtype where autocast is on."""
     b, t = labels.shape
     flat = hidden.reshape(-1, hidden.shape[-1])
+    if not torch.is_grad_enabled():  # evaluation: no gradient work (needs_input_grad would ask for it)
+        flat, weight = flat.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     targets = shifted_targets(labels, flat.device)
     v = weight.shape[0]
     rows = chunk_tokens or max(_MIN_ROWS, _CHUNK_ELEMS // max(1, v))
@@ -251,13 +273,13 @@ class TokenLoss:
             ce = per_token_ce(logits, labels)
             return ce.sum(), ce.detach(), aux
         cap = self.capture
-        logits, aux = cap.run(lambda: model_outputs(model, batch, accepts))
-        if cap.calls != 1:
-            raise ConfigError(
-                f"model.loss: the output head ran {cap.calls} times in one forward pass (once was "
-                "probed); set --model.loss logits"
-            )
-        try:
+        try:  # released whatever happens: the captured hidden states hold the forward's graph
+            logits, aux = cap.run(lambda: model_outputs(model, batch, accepts))
+            if cap.calls != 1:
+                raise ConfigError(
+                    f"model.loss: the output head ran {cap.calls} times in one forward pass (once was "
+                    "probed); set --model.loss logits"
+                )
             total, ce = fused_ce(cap.hidden, cap.weight, cap.bias, labels, self.ops, self.chunk_tokens)
         finally:
             cap.release()
@@ -270,50 +292,79 @@ class TokenLoss:
         return self(model, batch, accepts)[1]
 
 
-def _probe(model: nn.Module, ops: tuple[Op, ...], accepts: set[str], vocab: int) -> str:
-    """'' when the model's logits are its head's output with `ops` applied, else what differs.
+# the probe's synthetic logits: magnitudes from 0.5 to 400, so a scale, an offset, a cap or a clamp
+# the reproduction missed shows beyond rounding wherever it acts
+_PROBE_SCALES = (0.5, 4.0, 40.0, 400.0)
 
-    The head is given synthetic hidden states scaled so its output spans about +-40: a scale or a
-    soft cap the reproduction missed changes logits that large well beyond rounding."""
+
+def _probe(model: nn.Module, ops: tuple[Op, ...], accepts: set[str], vocab: int) -> str:
+    """'' when the model's logits are `ops` of its head's output, in eval and in train mode, else
+    what differs.
+
+    The head's output is replaced by synthetic logits (a leaf tensor, whatever the weights: a
+    zero-initialised head hides nothing) and the model's logits must equal `ops` of them,
+    element by element; no parameter may act on them after the head (a learned temperature or
+    logit bias the fused path would not train)."""
     head, why = output_head(model)
     if head is None:
         return why
-    cap = HeadCapture(head)
-    dev = head.weight.device
-    seen: dict = {}
+    own = {id(head.weight), id(head.bias)}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
     gen = torch.Generator(device="cpu").manual_seed(0)
+    seen: dict = {}
 
-    def substitute(h: torch.Tensor) -> torch.Tensor:
-        w, b = head.weight, head.bias
-        x = torch.randn(h.shape, generator=gen, dtype=torch.float32).to(device=h.device, dtype=h.dtype)
-        z = F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
-        x = x * (40.0 / max(float(z.abs().max()), 1e-6))
-        seen["x"] = x
-        return x
+    def synthetic(module: nn.Module, args: tuple, out: torch.Tensor):
+        if not cap.active:
+            return None
+        scale = torch.tensor(_PROBE_SCALES).repeat(out.shape[-2] // len(_PROBE_SCALES) + 1)
+        scale = scale[: out.shape[-2]].view(-1, 1)
+        z = torch.randn(out.shape, generator=gen) * scale
+        seen["z"] = z = z.to(device=out.device, dtype=out.dtype).requires_grad_()
+        return z
 
-    ids = torch.randint(0, max(1, vocab), (1, 8), generator=gen).to(dev)
-    was_training = model.training
-    model.eval()
-    cap.substitute = substitute
+    cap = HeadCapture(head)
+    cap.substitute = lambda h: h  # the head runs on the real hidden states; its output is replaced
+    handle = head.register_forward_hook(synthetic)
+    ids = torch.randint(0, max(1, vocab), (1, 8), generator=gen).to(head.weight.device)
+    modes = {m: m.training for m in model.modules()}
+    cuda = [torch.cuda.current_device()] if head.weight.is_cuda else []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            logits, _ = cap.run(lambda: model_outputs(model, {"input_ids": ids}, accepts))
-            if cap.calls != 1:
-                return f"its forward calls the output head {cap.calls} times, not once"
-            x, w, b = seen["x"], head.weight, head.bias
-            want = _apply_ops(F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype)).float(), ops)
+        for training in (False, True):
+            model.train(training)
+            with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+                logits, _ = cap.run(lambda: model_outputs(model, {"input_ids": ids}, accepts))
+                mode = "training" if training else "evaluation"
+                if cap.calls != 1:
+                    return f"its forward calls the output head {cap.calls} times in {mode}, not once"
+                z = seen.pop("z")
+                want = _apply_ops(z.detach().float(), ops)
+                got = logits.detach().float()
+                if got.shape != want.shape:
+                    return f"its logits {tuple(got.shape)} are not its head's output {tuple(want.shape)}"
+                tol = 1e-5 if z.dtype == torch.float32 else 2e-2
+                err = float(((got - want).abs() / want.abs().clamp(min=1.0)).max())
+                if not err <= tol:
+                    done = f" followed by {', '.join(f'{k} {c:g}' for k, c in ops)}" if ops else ""
+                    return (
+                        f"its logits in {mode} are not its head's output{done} (they differ by "
+                        f"{err:.2g} of their size)"
+                    )
+                used = torch.autograd.grad(logits.float().sum(), others, allow_unused=True) if others else ()
+                names = [n for (n, p), g in zip(_named(model, others), used) if g is not None]
+                if names:
+                    return f"parameters act on its logits after the head ({', '.join(names[:3])})"
     finally:
+        handle.remove()
         cap.handle.remove()
-        model.train(was_training)
-    got = logits.float()
-    if got.shape != want.shape:
-        return f"its logits {tuple(got.shape)} are not the head's output {tuple(want.shape)}"
-    tol = 1e-5 if x.dtype == torch.float32 else 2e-2
-    err = float((got - want).abs().max()) / max(1.0, float(want.abs().max()))
-    if not err <= tol:
-        done = f" followed by {', '.join(f'{k} {c:g}' for k, c in ops)}" if ops else ""
-        return f"its logits are not its head's output{done} (they differ by {err:.2g} of their scale)"
+        cap.release()
+        for m, t in modes.items():
+            m.training = t
     return ""
+
+
+def _named(model: nn.Module, params: list) -> list[tuple[str, torch.Tensor]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [(names.get(id(p), "?"), p) for p in params]
 
 
 def head_verdict(model: nn.Module, mode: str, accepts: set[str], vocab: int) -> tuple[tuple[Op, ...], str]:
@@ -332,10 +383,10 @@ def head_verdict(model: nn.Module, mode: str, accepts: set[str], vocab: int) -> 
     head, why = output_head(model)
     if head is not None:
         probe = model
-        big = any(p.is_meta for p in model.parameters()) or count_params(model) > 1_000_000_000
-        if big and isinstance(model, PreTrainedModel):
-            probe = _shallow_copy(model)
-        if big and probe is model:
+        meta = any(p.is_meta for p in model.parameters())
+        if isinstance(model, PreTrainedModel) and (meta or count_params(model) > 1_000_000_000):
+            probe = _shallow_copy(model)  # the verdict is the architecture's: seconds, not minutes
+        if meta and probe is model:
             why = "it is built on the meta device and is not a transformers model, so it cannot be probed"
         else:
             try:
