@@ -160,3 +160,38 @@ def test_elastic_resume_on_two_processes(tmp_path, corpus, capsys):
     out = capsys.readouterr().out
     assert "stopped on 1 process at step 2, resumed on 2: " in out
     assert "on 2 processes" in out.split("verdict:")[1]
+
+
+@pytest.mark.slow
+def test_the_default_setup_checks_bitwise_identical(tmp_path, capsys, monkeypatch):
+    """`flame check --steps 20` on the embedded default (its model, corpus and batch): every leg,
+    the killed child too, runs with this process's thread count, so the sums agree to the bit."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["check", "--steps", "20", "--work-dir", str(tmp_path / "w")]) == 0
+    assert "verdict: bitwise identical" in capsys.readouterr().out
+    starts = [json.loads(x) for x in (tmp_path / "w" / "killed" / "starts.jsonl").read_text().splitlines()]
+    assert len(starts) == 2 and starts[0]["exactness"] == starts[1]["exactness"]
+    assert starts[0]["exactness"]["intra_op_threads"] == torch.get_num_threads()
+
+
+def test_a_resume_with_another_thread_count_is_announced(tmp_path, corpus, capsys):
+    from flame.config import load_config
+    from flame.trainer import run_training
+
+    over = tiny_overrides(tmp_path / "r", corpus, **{"train.max_steps": 4, "checkpoint.interval": 2})
+    threads = torch.get_num_threads()
+    cfg = load_config(overrides=over)
+    try:
+        torch.set_num_threads(1)
+        stop = lambda t: setattr(t, "stop_signal", "test") if t.step == 2 else None  # noqa: E731
+        run_training(cfg, callbacks=[stop])
+        torch.set_num_threads(2)
+        capsys.readouterr()
+        run_training(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "intra_op_threads 1 -> 2" in text and "not bit-identical" in text, text
+    recs = [json.loads(x) for x in (tmp_path / "r" / "starts.jsonl").read_text().splitlines()]
+    assert [r["exactness"]["intra_op_threads"] for r in recs] == [1, 2]

@@ -83,6 +83,24 @@ def test_malformed_toml(tmp_path):
         load_config(["--config", str(f)])
 
 
+def test_unreadable_config_file(tmp_path, monkeypatch):
+    """A --config that exists but cannot be read (root reads any mode, so the read itself fails)."""
+    import pathlib
+
+    f = tmp_path / "locked.toml"
+    f.write_text("[optim]\nlr = 1e-3\n")
+    real = pathlib.Path.read_text
+
+    def denied(self, *a, **kw):
+        if self == f:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", denied)
+    with pytest.raises(ConfigError, match="cannot read .*locked.toml.*Permission denied"):
+        load_config(["--config", str(f)])
+
+
 def test_round_trip_through_toml_and_dict(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a").write_text("x")

@@ -190,6 +190,15 @@ def test_export_never_overwrites_its_inputs_or_foreign_directories(tmp_path, cor
     assert main(["export", str(run), "--out", str(out)]) == 0
     assert main(["export", str(run), "--out", str(out), "--force"]) == 0  # replaces its own export
     assert (out / "config.json").is_file()
+    # a link to an earlier export: refused with the fix, the export and the link left as they were
+    link = tmp_path / "latest"
+    link.symlink_to(out)
+    kept = _hashes(out)
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(link), "--force"]) == 1
+    err = capsys.readouterr().err
+    assert "is a symbolic link" in err and "Traceback" not in err, err
+    assert link.is_symlink() and _hashes(out) == kept
 
 
 def test_metrics_rewrite_on_resume_survives_odd_lines_and_a_full_disk(tmp_path, monkeypatch):

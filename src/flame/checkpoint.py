@@ -83,7 +83,7 @@ def StateDictOptions(**kwargs):  # noqa: N802 -- DCP's class, built lazily
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 # 2: the run state is JSON (trainer.json) and RNG files load with weights_only=True: reading a
-# checkpoint runs no pickle of flame's own (DCP's .metadata is still a pickle: see the README)
+# checkpoint runs no pickle of flame's own (DCP's .metadata is still a pickle: see docs/resuming.md)
 FORMAT_VERSION = 2
 MARKER = "COMPLETE"
 STATE_FILE = "trainer.json"

@@ -524,13 +524,19 @@ def load_config(
     cfg = Config()
     if path:
         p = Path(path)
-        if not p.is_file():
+        if p.is_dir():
+            problems.append(f"--config: '{path}' is a directory, not a TOML file")
+        elif not p.is_file():
             problems.append(f"--config: no such file '{path}'")
         else:
             try:
                 data = tomllib.loads(p.read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path} is not valid TOML: {e}") from None
+            except OSError as e:  # unreadable: permissions, a directory's I/O error
+                raise ConfigError(
+                    f"--config: cannot read '{path}': {e.strerror or e} (check its permissions)"
+                ) from None
             _apply(cfg, _flatten_toml(data, problems, str(p)), str(p), False, problems)
     if overrides:
         _apply(cfg, overrides, "overrides", False, problems)

@@ -133,6 +133,12 @@ EXPORT_MARKER = ".flame-export"  # written into every export: what --force may r
 def _check_out(out: Path, inputs: list[Path], force: bool) -> None:
     """Refuse an --out that is, holds or lies inside an input (the run, its checkpoint); --force
     replaces only a previous export, never a directory flame did not write."""
+    if out.is_symlink():  # replacing would remove the link's target or only the link: neither is asked
+        raise FlameError(
+            f"--out {out} is a symbolic link (to {os.readlink(out)}): flame writes exports only to a "
+            "real directory",
+            hint="pass the directory it points to as --out, or remove the link first",
+        )
     o = out.resolve()
     for src in inputs:
         r = src.resolve()

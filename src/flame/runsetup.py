@@ -31,6 +31,7 @@ from flame.meter import Meter, memory_gib
 from flame.model import attention_of, build_model, count_params, forward_params, model_label
 from flame.optim import lr_factor
 from flame.parallel import World, build_context, init_mode, on_main_rank, strategy_of
+from flame.records import read_records
 from flame.runguard import check_resume_compatible
 
 # Settings that change the data order or the model: a resume with a different value is refused.
@@ -262,6 +263,7 @@ def start_record(trainer, resumed_from: Path | None) -> dict:
         "model": model_label(trainer.cfg.model),
         "attention": trainer.attention,
         "loss": "fused" if trainer.loss.fused else "logits",
+        "exactness": exactness_settings(dev),
         "flops_per_token": trainer.flops_per_token,
         "flops_source": trainer.flops_source,
         "peak_flops": trainer.peak_flops,
@@ -275,6 +277,30 @@ def start_record(trainer, resumed_from: Path | None) -> dict:
         },
         "host": socket.gethostname(),
     }
+
+
+def exactness_settings(device: torch.device) -> dict:
+    """The settings bitwise-equal results depend on besides the config: another intra-op thread
+    count reduces in another order (a gradient norm moves by an ulp), and so on."""
+    cuda = device.type == "cuda"
+    return {
+        "intra_op_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "device": torch.cuda.get_device_name(device) if cuda else device.type,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if cuda else None,
+    }
+
+
+def exactness_changes(run_dir: Path, now: dict) -> list[str]:
+    """What differs between this start's exactness settings and the last start's of the run."""
+    last = None
+    for rec in read_records(run_dir / "starts.jsonl"):
+        last = rec
+    before = (last or {}).get("exactness")
+    if not isinstance(before, dict):
+        return []
+    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in now if k in before and before[k] != now[k]]
 
 
 def append_start(run_dir: Path, rec: dict, say: Callable[[str], None]) -> None:

@@ -99,7 +99,14 @@ class Trainer:
         self.peak_flops = device_peak_flops(world.device, cfg.log.peak_flops)
         self.meter = runsetup.run_meter(self)
         if world.is_main:
-            runsetup.append_start(self.run_dir, runsetup.start_record(self, resume_from), self._say)
+            start = runsetup.start_record(self, resume_from)
+            changed = runsetup.exactness_changes(self.run_dir, start["exactness"]) if resume_from else []
+            if changed:
+                self._say(
+                    f"note: resumed with other settings than the last start ({'; '.join(changed)}): "
+                    "the run stays valid, but from here it is not bit-identical to an uninterrupted run"
+                )
+            runsetup.append_start(self.run_dir, start, self._say)
 
     @property
     def bad_steps_total(self) -> int:
