@@ -43,3 +43,49 @@ def bigram(vocab_size: int, bad_calls=(), spike_calls=(), poison_call=0):
 
 def broken(vocab_size: int):
     raise RuntimeError("the weights file is missing")
+
+
+class _DocModel(nn.Module):
+    """An embedding, a per-document causal mean of earlier tokens (cu_seqlens keeps documents
+    apart), and a head; `leak` adds a cross-document term of its own."""
+
+    def __init__(self, vocab_size: int, leak: str):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, 16)
+        self.head = nn.Linear(16, vocab_size)
+        self.leak = leak
+        # the zero-started path: exactly isolated until training moves it
+        self.alpha = nn.Parameter(torch.zeros(())) if leak == "zero-start" else None
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, cu_seqlens=None, max_seqlen=None):
+        x = self.emb(input_ids)
+        t = x.shape[1]
+        bounds = cu_seqlens.tolist() if cu_seqlens is not None else [0, t]
+        parts = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            seg = x[:, s:e]
+            n = torch.arange(1, e - s + 1, device=x.device).view(1, -1, 1)
+            parts.append(seg.cumsum(1) / n)
+        h = x + torch.cat(parts, 1)
+        if self.leak == "chunks":  # a state carried from earlier 32-token chunks, documents or not
+            c = torch.arange(t, device=x.device) // 32
+            earlier = (c.view(1, -1) < c.view(-1, 1)).float()
+            h = h + 0.5 * (earlier @ x[0]).unsqueeze(0) / earlier.sum(1, keepdim=True).clamp(min=1)
+        elif self.leak == "zero-start":
+            h = h + self.alpha * x.cumsum(1) / torch.arange(1, t + 1, device=x.device).view(1, -1, 1)
+        return self.head(h)
+
+
+def chunk_mixer(vocab_size: int):
+    return _DocModel(vocab_size, "chunks")
+
+
+def zero_start_leak(vocab_size: int):
+    return _DocModel(vocab_size, "zero-start")
+
+
+def isolated(vocab_size: int):
+    return _DocModel(vocab_size, "none")

@@ -287,6 +287,16 @@ class TokenLoss:
         # whose backward hooks hang on it (FSDP) see the backward pass begin
         return total + logits.sum(), ce, aux
 
+    def hidden_states(self, model: nn.Module, batch: dict, accepts: set[str]) -> torch.Tensor:
+        """The last hidden states the head would read (fused only): what the varlen check on the
+        trained weights compares, without [B, T, V] logits."""
+        cap = self.capture
+        try:
+            cap.run(lambda: model_outputs(model, batch, accepts))
+            return cap.hidden.detach()
+        finally:
+            cap.release()
+
     def per_token(self, model: nn.Module, batch: dict, accepts: set[str]) -> torch.Tensor:
         """Per-token loss [B, T-1] (evaluation: no gradient is kept)."""
         return self(model, batch, accepts)[1]

@@ -199,7 +199,7 @@ def build_model(
             say(note)
         rebuild = None
     if varlen:
-        check_varlen(model, tokenizer_vocab, label=model_label(cfg), rebuild=rebuild)
+        check_varlen(model, tokenizer_vocab, label=model_label(cfg), rebuild=rebuild, context_len=context_len)
     return model
 
 
@@ -502,18 +502,39 @@ def _reconcile_vocab(model: nn.Module, cfg: ModelConfig, tokenizer_vocab: int, l
 _PROBE_DOCS = (7, 12, 5)  # three documents of different lengths packed in one row
 
 
+def probe_rows(context_len: int) -> list[tuple[int, ...]]:
+    """The packed rows of the varlen proof: documents of several lengths, up to a row of the full
+    context, so a model that mixes tokens in chunks (of up to the context) or carries a state
+    leaks in one of them: a long document before short ones and short ones before a long one,
+    starting at chunk boundaries and away from them."""
+    L = max(8, context_len)
+    rows = [_PROBE_DOCS]
+    if L > sum(_PROBE_DOCS):
+        rows += [(L - 24, 12, 12), (5, L - 5), (L // 3, L // 3 + 5, L - 2 * (L // 3) - 5)]
+        if L >= 140:
+            rows.append((70, 64, L - 134) if L > 134 else (70, 64))
+    return [tuple(n for n in r if n > 0) for r in rows]
+
+
+def trained_probe_row(context_len: int) -> tuple[int, ...]:
+    """The one row checked again on the trained weights: a long document, then two short ones."""
+    L = max(8, context_len)
+    return (L - 24, 12, 12) if L > 36 else _PROBE_DOCS
+
+
 def check_varlen(
     model: nn.Module,
     tokenizer_vocab: int,
     *,
     label: str = "the model",
     rebuild: Callable[[], nn.Module] | None = None,
+    context_len: int = 0,
 ) -> None:
     """Prove that `model` keeps packed documents apart, or raise a ConfigError with the fix.
 
-    Three documents are packed into one row as the loader packs them (position_ids restarting
-    at 0, cu_seqlens, max_seqlen; passed as the trainer passes them) and each document's logits
-    must equal the document's logits alone: within 1e-5 of their scale in fp32 on CPU, within 1%
+    Rows of documents (`probe_rows`: lengths up to the full context) are packed as the loader
+    packs them (position_ids restarting at 0, cu_seqlens, max_seqlen; passed as the trainer passes
+    them) and each document's logits must equal the document's logits alone: within 1e-5 of their scale in fp32 on CPU, within 1%
     on CUDA (its kernels round differently for different lengths; a leak moves logits by tens of
     percent). It runs in eval mode without gradients and without touching the run's random state.
     CPU first, except for kernels that need CUDA (flash_attention_*, and flex_attention, whose CPU
@@ -536,7 +557,7 @@ def check_varlen(
     for device in devices:
         try:
             with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
-                diff = _probe(model, device, impl, on_meta, rebuild, accepts, tokenizer_vocab)
+                diff = _probe(model, device, impl, on_meta, rebuild, accepts, tokenizer_vocab, context_len)
             break
         except Exception as e:
             failure = e
@@ -568,13 +589,15 @@ def _probe(
     rebuild: Callable[[], nn.Module] | None,
     accepts: set[str],
     tokenizer_vocab: int,
+    context_len: int = 0,
 ) -> float:
     probe = model
     if device == "cuda" or on_meta:
         probe = _shallow_copy(model) if rebuild is None else rebuild()
     if device == "cuda":  # flash kernels take half precision only
         probe = probe.to(device=device, dtype=torch.bfloat16 if impl.startswith("flash") else None)
-    return _isolation(probe, accepts, tokenizer_vocab, device)
+    rows = probe_rows(context_len) if context_len else [_PROBE_DOCS]
+    return max(isolation(probe, accepts, tokenizer_vocab, device, lens) for lens in rows)
 
 
 def _varlen_fix(model: nn.Module, impl: str) -> str:
@@ -591,11 +614,20 @@ def _varlen_fix(model: nn.Module, impl: str) -> str:
 
 
 @torch.no_grad()
-def _isolation(model: nn.Module, accepts: set[str], tokenizer_vocab: int, device: str) -> float:
-    """The largest difference between a document's logits packed and alone, relative to their scale."""
+def isolation(
+    model: nn.Module,
+    accepts: set[str],
+    tokenizer_vocab: int,
+    device: str | torch.device,
+    lens: tuple[int, ...] = _PROBE_DOCS,
+    outputs: Callable[[nn.Module, dict, set[str]], torch.Tensor] | None = None,
+) -> float:
+    """The largest difference between a document's outputs packed (documents `lens` in one row)
+    and alone, relative to their scale. `outputs` gives a batch's per-position outputs (default:
+    the logits; the last hidden states are as good a witness, and smaller)."""
     from flame.loss import model_logits
 
-    lens = _PROBE_DOCS
+    outputs = outputs or model_logits
     vocab = min(tokenizer_vocab, model_vocab(model) or tokenizer_vocab)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, sum(lens)), generator=gen, device="cpu")
@@ -609,19 +641,20 @@ def _isolation(model: nn.Module, accepts: set[str], tokenizer_vocab: int, device
             "max_seqlen": max(sizes),
         }
 
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        packed = model_logits(model, batch(ids, lens), accepts).float()
+        packed = outputs(model, batch(ids, lens), accepts).float()
         diff = 0.0
         for k, n in enumerate(lens):
             s, e = starts[k], starts[k + 1]
-            alone = model_logits(model, batch(ids[:, s:e], (n,)), accepts).float()
+            alone = outputs(model, batch(ids[:, s:e], (n,)), accepts).float()
             scale = max(1.0, alone.abs().max().item())
             diff = max(diff, (packed[0, s:e] - alone[0]).abs().max().item() / scale)
         return diff
     finally:
-        model.train(was_training)
+        for m, t in modes.items():
+            m.training = t
 
 
 def _shallow_copy(model: nn.Module) -> nn.Module:

@@ -19,6 +19,7 @@ from flame.checkpoint import Checkpointer
 from flame.config import Config
 from flame.data.build import build_loader, resolve_tokenizer
 from flame.data.packed import SkipRanges
+from flame.errors import FlameError
 from flame.evaluate import build_evaluator
 from flame.guards import GuardState, update_allowed, weights_finite
 from flame.head import token_loss
@@ -43,6 +44,8 @@ class Trainer:
         self.world: World = parallel.init_world(cfg.parallel, cfg.train)
         self.run_dir = Path(cfg.train.run_dir)
         self.stop_signal: str | None = None
+        self.failure: str | None = None  # why the run stopped as wrong (a varlen leak)
+        self._leak_checked = False
         self._params: list | None = None
         self.step_lr = float("nan")
         self._seg_start = time.perf_counter()
@@ -201,8 +204,11 @@ class Trainer:
                     self._stop_diverged()
                     stopped = "diverged"
                     break
+                leak = None
                 if self.step % cfg.log.interval == 0 or self.step == self.total_steps:
                     last_loss = self._log(gnorm)
+                    if not self._leak_checked:  # the first log step of this start
+                        leak = self._varlen_leak()
                 if self.evaluator is not None and cfg.eval.interval and self.step % cfg.eval.interval == 0:
                     self.evaluate()
                 for cb in self.callbacks:
@@ -215,15 +221,51 @@ class Trainer:
                     stopped = "preempted"
                     break
                 c = cfg.checkpoint
-                if c.interval and self.step % c.interval == 0 and self.step < self.total_steps:
+                interval = c.interval and self.step % c.interval == 0 and self.step < self.total_steps
+                leak = leak or (self._varlen_leak() if interval else None)
+                if leak:
+                    self.failure = leak
+                    self.save()
+                    stopped = "varlen-leak"
+                    break
+                if interval:
                     self.save(background=True)
                 self.checkpointer.poll()  # seals a background save once every rank has written it
             if stopped == "done":
                 if self.evaluator is not None and cfg.eval.interval and self.step % cfg.eval.interval != 0:
                     self.evaluate()
+                self.failure = self._varlen_leak()
                 self.save()
+                stopped = "varlen-leak" if self.failure else stopped
             self.logger.close()
             return {"step": self.step, "stopped": stopped, "loss": last_loss}
+
+    def _varlen_leak(self) -> str | None:
+        """With data.varlen, the isolation proof again, on the trained weights (one row: a long
+        document, then two short ones): a model whose cross-document path starts at zero leaks
+        only once trained. A message when documents leak, else None. Every rank runs it."""
+        if not self.cfg.data.varlen:
+            return None
+        from flame.model import isolation, trained_probe_row
+
+        self._leak_checked = True
+        lens = trained_probe_row(self.cfg.data.context_len)
+        outputs = self.loss.hidden_states if self.loss.fused else None
+        dev = self.world.device
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            diff = isolation(self.model, self.accepts, self.tok.vocab_size, dev, lens, outputs)
+        self.meter.paused(time.perf_counter() - t0)
+        tol = 1e-5 if dev.type == "cpu" else 1e-2
+        leaked = parallel.any_rank(not diff <= tol, self.world, self._votes)
+        if not leaked:
+            return None
+        return (
+            f"data.varlen: at step {self.step} the trained model no longer keeps packed documents apart: "
+            f"a document's outputs change by {diff:.3g} of their scale when documents of {lens[0]} "
+            "tokens are packed before it; the run stopped with a checkpoint (its steps trained across "
+            "document boundaries where the model leaks)"
+        )
 
     def _skip_step(self, it) -> None:
         for _ in range(self.cfg.train.grad_accum):
@@ -349,6 +391,12 @@ def run_training(cfg: Config, callbacks: list[Callback] | None = None) -> dict:
     try:
         trainer.setup()
         result = trainer.train()
+        if trainer.failure:
+            raise FlameError(
+                trainer.failure,
+                hint="make the model's forward keep documents apart (cu_seqlens), or train with "
+                "--data.varlen false",
+            )
         if trainer.world.is_main:
             print(f"metrics: {trainer.run_dir / 'metrics.jsonl'}")
             print(f"checkpoints: {trainer.run_dir / 'checkpoints'}")
