@@ -51,9 +51,17 @@ def build_for_export(cfg: Config, vocab: int) -> nn.Module:
 
 
 def export(
-    run_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32", force: bool = False
+    run_dir: str | Path,
+    out: str | Path,
+    step: int | None = None,
+    dtype: str = "fp32",
+    force: bool = False,
+    average: int = 1,
 ) -> Path:
-    """Write the checkpoint of `run_dir` (newest, or `step`) as a Hugging Face model directory."""
+    """Write the checkpoint of `run_dir` (newest, or `step`) as a Hugging Face model directory;
+    with `average` K > 1, the mean of the weights of the K checkpoints ending there."""
+    if average < 1:
+        raise FlameError(f"--average {average}: give the number of checkpoints to average (1 or more)")
     if dtype not in DTYPES:
         raise FlameError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out)
@@ -69,6 +77,8 @@ def export(
     torch.manual_seed(0)
     model = build_for_export(cfg, tok.vocab_size)
     load_model_weights(ckpt, model, "the model its config describes")
+    if average > 1:
+        _average_into(model, _last_checkpoints(run, ckpt, average))
     model = model.to(DTYPES[dtype]).eval()
     tmp = out.with_name(out.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -103,6 +113,44 @@ def export(
     _check_tokenizer(tok, tmp, out)
     _replace(tmp, out)
     return out
+
+
+def _last_checkpoints(run: Path, ckpt: Path, k: int) -> list[Path]:
+    """The k complete checkpoints of the run ending at `ckpt`, oldest first; each verified."""
+    from flame.checkpoint import list_checkpoints, step_of, verify
+
+    if run == ckpt:
+        raise FlameError("--average needs a run directory (its checkpoints), not a lone checkpoint")
+    done = [p for p in list_checkpoints(run / "checkpoints") if step_of(p) <= step_of(ckpt)]
+    if len(done) < k:
+        have = ", ".join(str(step_of(p)) for p in done)
+        raise FlameError(
+            f"--average {k}: the run has {len(done)} checkpoint(s) up to step {step_of(ckpt)} ({have})",
+            hint="average fewer, or keep more while training (--checkpoint.keep)",
+        )
+    chosen = done[-k:]
+    for p in chosen:
+        problem = verify(p, True)
+        if problem is not None:
+            raise CheckpointError(f"--average: checkpoint {p} cannot be used: {problem}")
+    steps = ", ".join(str(step_of(p)) for p in chosen)
+    print(f"averaging the weights of {k} checkpoints (steps {steps})", file=sys.stderr)
+    return chosen
+
+
+def _average_into(model: nn.Module, ckpts: list[Path]) -> None:
+    """model's floating-point weights := the mean of theirs in `ckpts` (summed in fp64); integer
+    buffers (counters) are the last checkpoint's."""
+    sums: dict[str, torch.Tensor] = {}
+    for p in ckpts:
+        load_model_weights(p, model, "the model its config describes")
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                sums[k] = sums[k] + v.double() if k in sums else v.double()
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if k in sums:
+                v.copy_(sums[k] / len(ckpts))
 
 
 def _check_tokenizer(tok, tmp: Path, out: Path) -> None:
@@ -178,8 +226,15 @@ def cli(argv: list[str]) -> int:
     p.add_argument("--step", type=int, default=None, help="export the checkpoint of this step")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights' dtype (default fp32)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--average",
+        type=int,
+        default=1,
+        metavar="K",
+        help="export the mean of the weights of the last K checkpoints (ending at --step); default 1",
+    )
     a = p.parse_args(argv)
-    out = export(a.run_dir, a.out, a.step, a.dtype, a.force)
+    out = export(a.run_dir, a.out, a.step, a.dtype, a.force, a.average)
     print(f"exported to {out} ({a.dtype})")
     print(f"load it with transformers: AutoModelForCausalLM.from_pretrained({str(out)!r})")
     print(f"continue pretraining from it: flame train --model.init_from {out} ...")
