@@ -195,3 +195,26 @@ def test_a_resume_with_another_thread_count_is_announced(tmp_path, corpus, capsy
     assert "intra_op_threads 1 -> 2" in text and "not bit-identical" in text, text
     recs = [json.loads(x) for x in (tmp_path / "r" / "starts.jsonl").read_text().splitlines()]
     assert [r["exactness"]["intra_op_threads"] for r in recs] == [1, 2]
+
+
+@pytest.mark.slow
+def test_gpt_oss_resumes_bitwise_with_deterministic_kernels(tmp_path, corpus, capsys):
+    """gpt_oss's expert loop adds in an order that varies between calls on CPU (an ulp in the
+    experts' bias gradients); with train.deterministic its stop and kill resumes are exact."""
+    model = tmp_path / "gpt_oss.json"
+    model.write_text(
+        json.dumps(
+            {"model_type": "gpt_oss", "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+             "num_experts_per_tok": 2, "max_position_embeddings": 512, "sliding_window": 32,
+             "layer_types": ["sliding_attention", "full_attention"]}  # fmt: skip
+        )
+    )
+    over = tiny_overrides(tmp_path / "unused", corpus, **{"model.name": str(model), "train.deterministic": True})
+    over.pop("model.overrides")
+    cfg = write_config(tmp_path / "run.toml", over)
+    try:
+        assert main(["check", "--config", str(cfg), "--steps", "10", "--stop-at", "7"]) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)  # the check set it in this process
+    assert "verdict: bitwise identical" in capsys.readouterr().out

@@ -465,6 +465,12 @@ def likely_causes(cfg: Config, comparisons: list[Comparison], probed: dict | Non
         out.append(
             "train.compile: compiled kernels can be chosen by autotuning, differently in another process"
         )
+    if diverged and not data and not cfg.train.deterministic:
+        out.append(
+            "the same batches but other sums: a kernel that adds in an order that varies from call to "
+            "call (a mixture of experts' expert loop with index_add, as gpt_oss's; scatter and atomics "
+            "on CUDA) can differ by an ulp even when two probe passes agree; try --train.deterministic true"
+        )
     if not out and diverged:
         out.append(
             "nothing flame can see; compare the runs' metrics.jsonl and batches/ with --work-dir to find "

@@ -158,6 +158,11 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "bf16"] = _f("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
     compile: bool = _f(False, "torch.compile the model")
     activation_checkpointing: bool = _f(False, "recompute block activations in the backward pass")
+    deterministic: bool = _f(
+        False,
+        "torch.use_deterministic_algorithms: bit-identical runs and resumes where kernels add in a "
+        "varying order (a mixture of experts' expert loop, gpt_oss; scatter/index_add on CUDA); slower",
+    )
     max_bad_steps: int = _f(
         5, "stop after this many consecutive NaN/Inf steps, each skipped (0 = no guard, no per-step sync)"
     )

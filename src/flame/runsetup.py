@@ -92,6 +92,7 @@ def build_run_model(cfg: Config, world: World, vocab_size: int, say: Callable[[s
     materialises the weights later) and count it. Its FLOPs are measured later
     (`measure_flops`), once the data checked out: that can take seconds."""
     seed_everything(cfg.train.seed)
+    use_deterministic(cfg.train.deterministic)
     strategy, mode = strategy_of(cfg.parallel, world), init_mode(cfg.parallel)
     with build_context(strategy, world, mode):
         model = build_model(cfg.model, vocab_size, cfg.data.context_len, varlen=cfg.data.varlen, log=say)
@@ -155,6 +156,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic(on: bool) -> None:
+    """train.deterministic: deterministic kernels (cuBLAS needs its workspace fixed before its first
+    call); off leaves torch's default, which a caller may have set."""
+    if on:
+        import os
+
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
 
 
 def total_steps(cfg: Config, world: World) -> int:
