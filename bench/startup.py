@@ -14,6 +14,11 @@ then `--src /tmp/old/src`) to compare before and after a change.
    done, `--log.interval 1`), each minus the time the command was launched. One warm-up run first
    prepares the embedded corpus into the shared cache, so the runs measure start-up, not a prepare.
 
+3. Beside it, a bare script in a fresh interpreter: `import torch, transformers`, build the same
+   llama (the tiny preset's config), take one step (forward, cross-entropy, backward, AdamW) on a
+   batch of the same shape, and stamp the time; flame's command -> first step over the bare
+   script's command -> first step is the ratio (the floor: at most 1.1x).
+
 A machine shared with other work inflates every figure; the table prints the load average.
 """
 
@@ -131,6 +136,47 @@ def one_run(steps: int, extra: list[str]) -> dict[str, float]:
         }
 
 
+BARE = """
+import json, sys, time
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+cfg = json.loads(sys.argv[1])
+b, t = int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(**cfg))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randint(0, cfg["vocab_size"], (b, t))
+logits = model(input_ids=x).logits
+F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1)).backward()
+opt.step()
+opt.zero_grad()
+print(time.time())
+"""
+
+
+def bare_run() -> float:
+    """Seconds from launching the bare script to its first step done."""
+    from flame.config import Config
+    from flame.model import PRESETS
+
+    c = Config()
+    cfg = dict(
+        vocab_size=257,
+        max_position_embeddings=max(c.data.context_len, 128),
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        attn_implementation="sdpa",
+        **PRESETS[c.model.name],
+    )
+    cmd = [sys.executable, "-c", BARE, json.dumps(cfg), str(c.data.batch_size), str(c.data.context_len)]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=_env())
+    if r.returncode != 0:
+        raise SystemExit(f"the bare script failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return float(r.stdout.strip().splitlines()[-1]) - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 run of 2 steps")
@@ -149,7 +195,10 @@ def main() -> None:
     parts = [f"# flame start-up\n\n{machine()}; flame from {SRC}\n", import_table("flame.trainer", a.top)]
 
     one_run(1, [])  # warm-up: prepares (or finds) the embedded corpus in the shared cache
-    results = [one_run(steps, []) for _ in range(runs)]
+    results, bare = [], []
+    for _ in range(runs):  # interleaved: both see the same machine load
+        results.append(one_run(steps, []))
+        bare.append(bare_run())
     rows = []
     for key, label in [
         ("setup", "command -> set-up done (start record)"),
@@ -159,9 +208,15 @@ def main() -> None:
     ]:
         xs = [r[key] for r in results]
         rows.append([label, f"{median(xs):.2f}", " ".join(f"{x:.2f}" for x in xs)])
+    rows.append(
+        ["bare script: command -> first step done", f"{median(bare):.2f}", " ".join(f"{x:.2f}" for x in bare)]
+    )
+    ratio = median([r["first"] for r in results]) / median(bare)
     parts.append(
-        f"`flame train` (tiny default, {steps} steps, `--log.interval 1`), median of {runs}:\n\n"
+        f"`flame train` (tiny default, {steps} steps, `--log.interval 1`), median of {runs}, beside the "
+        "bare script (import torch + transformers, build the same llama, one step):\n\n"
         + md_table(["from the command", "median s", "runs"], rows)
+        + f"\n\nflame's first step / the bare script's: **{ratio:.2f}x** (floor: <= 1.1x)"
     )
     load = os.getloadavg()[0]
     parts.append(f"load average at the end: {load:.1f}")
