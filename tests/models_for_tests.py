@@ -89,3 +89,21 @@ def zero_start_leak(vocab_size: int):
 
 def isolated(vocab_size: int):
     return _DocModel(vocab_size, "none")
+
+
+class _NoFloat32(nn.Module):
+    """Asserts its dtype as fla's DeltaNet chunk kernel does."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, 8)
+        self.out = nn.Linear(8, vocab_size)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        assert h.dtype != torch.float32, "ChunkDeltaRuleFunction does not support float32. Please use bfloat16."
+        return self.out(h)
+
+
+def no_float32(vocab_size: int):
+    return _NoFloat32(vocab_size)

@@ -241,3 +241,13 @@ def test_a_corpus_below_one_sample_is_refused_in_both_modes(tmp_path, capsys, st
     over = tiny_overrides(tmp_path / "r", d, **{"train.max_steps": 1, "data.streaming": streaming})
     code, err = _cli(tmp_path, capsys, over)
     assert code != 0 and ("fewer than one sample" in err or "fewer than one" in err), err
+
+
+def test_kernels_that_refuse_float32_name_the_fix(tmp_path, corpus, capsys):
+    """fla's DeltaNet asserts "does not support float32": a clear error naming --train.dtype bf16."""
+    over = tiny_overrides(tmp_path / "r", corpus, **{"model.name": "models_for_tests:no_float32"})
+    over.pop("model.overrides", None)
+    write_config(tmp_path / "c.toml", over)
+    assert main(["train", "--config", str(tmp_path / "c.toml")]) == 1
+    err = capsys.readouterr().err
+    assert "refuse float32" in err and "--train.dtype bf16" in err and "Traceback" not in err, err

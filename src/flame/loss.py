@@ -58,7 +58,16 @@ def model_outputs(
             kw[k] = batch[k]
     if "use_cache" in accepts:  # no KV cache in training: it would hold every layer's keys and values
         kw["use_cache"] = False
-    out = model(**kw)
+    try:
+        out = model(**kw)
+    except AssertionError as e:  # fla's chunk kernels assert their dtype (DeltaNet: no float32)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "float32" in msg or "fp32" in msg:
+            raise FlameError(
+                f"the model's kernels refuse float32 inputs ({msg})",
+                hint="train in bf16: --train.dtype bf16 (bf16 autocast; on CUDA the default, auto)",
+            ) from None
+        raise
     logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
     if logits is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
         logits = out[0]
