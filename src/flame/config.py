@@ -175,7 +175,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule."""
+    """The optimizer (AdamW, or Muon for the hidden matrices) and the learning-rate schedule."""
 
     lr: float = _f(3e-3, "peak learning rate")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of the peak")
@@ -189,6 +189,21 @@ class OptimConfig:
     )
     decay_fraction: float = _f(0.2, "wsd: fraction of steps spent in the final decay")
     fused: Literal["auto", "true", "false"] = _f("auto", "fused AdamW (auto = on CUDA)")
+    name: Literal["adamw", "muon"] = _f(
+        "adamw",
+        "optimizer: adamw, or muon for the hidden 2-d weight matrices (attention and MLP projections) "
+        "with AdamW (optim.lr, betas, eps) for embeddings, the output head, norms, biases and other shapes",
+    )
+    muon_lr: float = _f(0.02, "muon: peak learning rate of the hidden matrices (same schedule as optim.lr)")
+    muon_weight_decay: float = _f(0.0, "muon: decoupled weight decay of the hidden matrices")
+    muon_momentum: float = _f(0.95, "muon: momentum of the hidden matrices' update")
+    muon_nesterov: bool = _f(True, "muon: Nesterov momentum")
+    muon_ns_steps: int = _f(5, "muon: Newton-Schulz iterations orthogonalizing each update (1 to 99)")
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = _f(
+        "original",
+        "muon: lr scaling per matrix shape: original (sqrt(max(1, rows/cols)), Keller Jordan's) or "
+        "match_rms_adamw (0.2 sqrt(max(rows, cols)): an update of AdamW's RMS, so muon_lr ~ optim.lr)",
+    )
 
 
 @dataclass
@@ -595,6 +610,8 @@ def validate(cfg: Config) -> list[str]:
     positive("optim.weight_decay", o.weight_decay, zero_ok=True)
     positive("optim.warmup_steps", o.warmup_steps, zero_ok=True)
     positive("optim.eps", o.eps)
+    positive("optim.muon_lr", o.muon_lr)
+    positive("optim.muon_weight_decay", o.muon_weight_decay, zero_ok=True)
     positive("checkpoint.interval", c.interval, zero_ok=True)
     positive("checkpoint.keep", c.keep)
     positive("log.interval", lg.interval)
@@ -621,9 +638,11 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"optim.min_lr_ratio = {o.min_lr_ratio} must be between 0 and 1")
     if not 0 < o.decay_fraction <= 1:
         p.append(f"optim.decay_fraction = {o.decay_fraction} must be in (0, 1]")
-    for k, b in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+    for k, b in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2), ("optim.muon_momentum", o.muon_momentum)):
         if not 0 <= b < 1:
             p.append(f"{k} = {b} must be in [0, 1)")
+    if not 1 <= o.muon_ns_steps <= 99:
+        p.append(f"optim.muon_ns_steps = {o.muon_ns_steps} must be between 1 and 99 (5 is usual)")
     if not 0 < d.max_bad_fraction <= 1:
         p.append(f"data.max_bad_fraction = {d.max_bad_fraction} must be in (0, 1]")
     import signal as _signal

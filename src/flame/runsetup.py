@@ -29,7 +29,7 @@ from flame.flops import resolve_flops_per_token
 from flame.head import head_verdict
 from flame.meter import Meter, memory_gib
 from flame.model import attention_of, build_model, count_params, forward_params, model_label
-from flame.optim import lr_factor
+from flame.optim import apply_config, lr_factor
 from flame.parallel import World, build_context, init_mode, on_main_rank, strategy_of
 from flame.records import read_records
 from flame.runguard import check_resume_compatible
@@ -51,6 +51,7 @@ FROZEN_KEYS = (
     "data.shuffle",
     "data.streaming",
     "train.seed",
+    "optim.name",  # the optimizer's state: AdamW's moments are not Muon's momentum
 )
 
 
@@ -234,16 +235,13 @@ def apply_optim_config(cfg: Config, optimizer, scheduler, step: int, total: int)
     """After a resume the optimizer's saved hyperparameters would win; the config's take effect
     instead (lr, weight decay, betas, eps, schedule and its length), from this step on."""
     o = cfg.optim
-    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
-    lr = o.lr * lr_factor(step, total, o)
-    for i, g in enumerate(optimizer.param_groups):
-        g["initial_lr"] = o.lr
-        g["lr"] = lr
-        g["betas"] = (o.beta1, o.beta2)
-        g["eps"] = o.eps
-        if i == 0:  # the decayed group (build_optimizer: matrices first, then norms and biases)
-            g["weight_decay"] = o.weight_decay
-    scheduler._last_lr = [lr] * len(optimizer.param_groups)
+    peaks = apply_config(optimizer, o)  # each group's own (optim.lr, or optim.muon_lr for Muon's)
+    f = lr_factor(step, total, o)
+    scheduler.base_lrs = list(peaks)
+    for g, peak in zip(optimizer.param_groups, peaks):
+        g["initial_lr"] = peak
+        g["lr"] = peak * f
+    scheduler._last_lr = [peak * f for peak in peaks]
 
 
 def start_record(trainer, resumed_from: Path | None) -> dict:
@@ -274,6 +272,7 @@ def start_record(trainer, resumed_from: Path | None) -> dict:
         "model": model_label(trainer.cfg.model),
         "attention": trainer.attention,
         "loss": "fused" if trainer.loss.fused else "logits",
+        "optimizer": getattr(trainer.optimizer, "flame_split", None),
         "exactness": exactness_settings(dev),
         "flops_per_token": trainer.flops_per_token,
         "flops_source": trainer.flops_source,
