@@ -7,10 +7,11 @@ hidden -> logits -> what the model does to its logits (a scale, a soft cap) -> c
 in the same pass the gradients of the hidden states and of the head's weight and bias. No
 [B, T, V] tensor exists, forward or backward.
 
-Whether a model's head can be reproduced is not assumed: `build_token_loss` probes the model once
-(a forward with large synthetic hidden states given to the head, where a missed scale or soft cap
-would show) and compares the model's own logits with the reproduction. A model that fails the
-probe trains on the logits path, said once (model.loss = auto), or is refused (model.loss = fused).
+Whether a model's head can be reproduced is not assumed: `head_verdict` probes the model at start
+(its head's output replaced by synthetic logits of 0.5 to 400, in eval and train mode; the model's
+logits must be the reproduction of them, and no parameter may act after the head). A model that
+fails trains on the logits path, said once (model.loss = auto), or is refused (model.loss = fused);
+`token_loss` builds the run's `TokenLoss` from the verdict.
 
 A custom model opts in by exposing `get_output_embeddings()` (an `nn.Linear` that its forward
 calls once, on the final hidden states) and, when it transforms the logits after the head, by
