@@ -19,6 +19,12 @@ Best = the lowest final held-out loss. Reported per corpus for the best of each:
     (steps x ms per step, evaluation excluded)
   - ms per optimizer step: the median of the logged windows after the first (tokens per step /
     tokens per second, which leaves evaluation and checkpoint time out)
+  - the held-out loss of the mean of the weights of the last 5 checkpoints (every run keeps them:
+    checkpoint.interval = steps / 10, checkpoint.keep = 5), beside the last one's: `flame export
+    --average 5` into a temporary directory, loaded with transformers' from_pretrained and
+    evaluated by flame's own evaluator on the same held-out windows. The last checkpoint, exported
+    and evaluated the same way, must give the run's logged final held-out loss within 1e-4 (checked
+    and printed), so the two columns differ only by the averaging.
 Floor (issue 22): Muon reaches AdamW's final held-out loss in <= 0.8x AdamW's steps with <= 1.1x
 its time per step.
 """
@@ -29,6 +35,7 @@ import argparse
 import contextlib
 import io
 import json
+import shutil
 import statistics
 import sys
 import sysconfig
@@ -41,6 +48,8 @@ sys.path.insert(0, str(HERE))
 from common import _cut, emit, machine, md_table  # noqa: E402
 
 ADAMW_LRS = (1e-3, 3e-3, 1e-2)
+AVERAGE = 5  # checkpoints averaged
+CHECK_TOL = 1e-4  # re-evaluated last checkpoint vs the run's logged final held-out loss
 MUON_LRS = (0.01, 0.02, 0.04)
 
 
@@ -88,7 +97,9 @@ def _run(
         "train.sample_tokens": 0,
         "train.device": "cpu",
         "optim.warmup_steps": max(1, steps // 10),
-        "checkpoint.interval": 0,
+        # AVERAGE checkpoints kept over the end of training: the average's inputs
+        "checkpoint.interval": max(1, steps // 10),
+        "checkpoint.keep": AVERAGE,
         "log.interval": 10,
         "log.console": "off",
         **{f"optim.{k}": v for k, v in optim.items()},
@@ -102,7 +113,58 @@ def _run(
     train = [r for r in recs if r["kind"] == "train"]
     tok_step = train[-1]["tokens"] / train[-1]["step"]
     ms = statistics.median(1000 * tok_step / r["tokens_per_s"] for r in train[1:] or train)
-    return {"evals": evals, "final": evals[-1][1], "ms": ms, "wall": wall, "optim": optim}
+    return {
+        "evals": evals,
+        "final": evals[-1][1],
+        "ms": ms,
+        "wall": wall,
+        "optim": optim,
+        "over": over,
+        "dir": run_dir,
+        "steps": steps,
+    }
+
+
+def _heldout(run: dict, tmp: Path, average: int) -> float:
+    """Held-out loss of `flame export --average K` of the run (K = 1: its last checkpoint), loaded
+    with from_pretrained and evaluated by flame's evaluator on the run's own held-out windows."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flame.config import load_config
+    from flame.data.build import resolve_tokenizer
+    from flame.evaluate import build_evaluator
+    from flame.export import export
+    from flame.model import forward_params
+    from flame.parallel import World
+
+    out = tmp / f"{run['dir'].name}-export-avg{average}"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        export(run["dir"], out, average=average)
+        cfg = load_config(overrides=run["over"])
+        world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+        ev = build_evaluator(cfg, world, run["dir"], resolve_tokenizer(cfg), log=lambda m: None)
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    loss = ev.run(model, forward_params(model), step=run["steps"])[0]["loss"]
+    shutil.rmtree(out, ignore_errors=True)
+    return loss
+
+
+def _averaged(run: dict, tmp: Path, checks: list[str]) -> float | None:
+    """The held-out loss of the average of the last AVERAGE checkpoints (None: fewer kept), after
+    checking that the same path on the last checkpoint alone reproduces the logged final loss."""
+    from flame.checkpoint import list_checkpoints, step_of
+
+    kept = [step_of(p) for p in list_checkpoints(run["dir"] / "checkpoints")][-AVERAGE:]
+    last = _heldout(run, tmp, 1)
+    diff = abs(last - run["final"])
+    checks.append(
+        f"{run['dir'].name}: last checkpoint re-evaluated {last:.6f} vs logged final {run['final']:.6f}, "
+        f"|diff| {diff:.1e} "
+        + ("<=" if diff <= CHECK_TOL else "> (FAILED: the columns are not comparable)")
+        + f" {CHECK_TOL:g}; averaged steps {', '.join(map(str, kept))}"
+    )
+    return _heldout(run, tmp, AVERAGE) if len(kept) >= AVERAGE else None
 
 
 def _reach(evals: list[tuple[int, float]], target: float) -> int | None:
@@ -128,7 +190,7 @@ def main() -> None:
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     start = time.perf_counter()
-    out, rows, notes = [], [], []
+    out, rows, notes, checks = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="flame-bench-optim-") as d:
         tmp = Path(d)
         for cname, docs in (("stdlib", _stdlib_docs()), ("prose", _prose_docs())):
@@ -170,12 +232,14 @@ def main() -> None:
             ms_m = statistics.median(r["ms"] for r in runs["muon"])
             for label, best, reach, ms in (("adamw", a, ra, ms_a), ("muon", m, rm, ms_m)):
                 lr = best["optim"].get("muon_lr", best["optim"].get("lr"))
+                avg = _averaged(best, tmp, checks)
                 rows.append(
                     [
                         cname,
                         label,
                         f"{lr:g}",
                         f"{best['final']:.4f}",
+                        f"{avg:.4f}" if avg is not None else "-",
                         reach if reach is not None else f"> {steps}",
                         f"{reach * ms / 1000:.1f}" if reach is not None else "-",
                         f"{ms:.1f}",
@@ -195,6 +259,7 @@ def main() -> None:
         "optimizer",
         "best lr",
         "final held-out loss",
+        f"avg of last {AVERAGE} ckpts",
         "steps to AdamW's final",
         "time to it (s)",
         "ms/step",
@@ -210,6 +275,11 @@ def main() -> None:
             md_table(head, rows),
             "",
             *[f"- {n}" for n in notes],
+            "",
+            f"Averaged: the mean of the weights of the last {AVERAGE} checkpoints (checkpoint.interval "
+            f"{max(1, steps // 10)}). The export + evaluation path checked on each best run's last checkpoint:",
+            "",
+            *[f"- {c}" for c in checks],
             "",
             "Sweep (final held-out loss, ms/step of each run):",
             "",
