@@ -181,13 +181,22 @@ def _distributed_entry(rank, nprocs, port, fn, args):
     import torch
 
     torch.set_num_threads(1)
+    import gc
+
+    import torch.distributed as dist
+
     try:
         fn(rank, *args)
     finally:
-        import torch.distributed as dist
-
+        gc.collect()  # the trainer's DDP/FSDP objects and their gloo work, before the group goes
         if dist.is_initialized():
             dist.destroy_process_group()
+    # done and cleaned up: leave without interpreter finalization, where gloo's worker threads can
+    # still abort a process whose work is finished (SIGABRT, "terminate called without an active
+    # exception")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, nprocs, *args, timeout=300):

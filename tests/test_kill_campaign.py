@@ -15,7 +15,7 @@ from conftest import final_weights, tiny_overrides, write_config
 
 from flame.checkpoint import list_checkpoints
 
-STEPS = 40
+STEPS = 150  # long enough for several kills whatever the machine's speed
 
 
 def _start(cfg):

@@ -348,6 +348,11 @@ def on_main_rank(world: World, fn):
 
 
 def shutdown(world: World) -> None:
-    """End the process group init_world started (not one the caller set up)."""
+    """End the process group init_world started (not one the caller set up). Unreachable wrappers
+    (DDP's reducer and its pending gloo work) are collected first: freed later, at interpreter
+    exit, gloo's threads can abort the process after a finished run."""
     if world.owns_group and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
