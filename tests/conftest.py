@@ -74,14 +74,24 @@ def _log_handlers_on_live_streams():
     _repoint_log_handlers()
 
 
+def _write_corpus(d):
+    for i in range(6):
+        (d / f"doc{i}.txt").write_text(f"Document {i}. " + LOREM * (3 + i))
+    return d
+
+
 @pytest.fixture
 def corpus(tmp_path):
     """A few small text files with distinct documents."""
     d = tmp_path / "corpus"
     d.mkdir()
-    for i in range(6):
-        (d / f"doc{i}.txt").write_text(f"Document {i}. " + LOREM * (3 + i))
-    return d
+    return _write_corpus(d)
+
+
+@pytest.fixture(scope="module")
+def corpus_m(tmp_path_factory):
+    """The same corpus, shared by a module's runs (the multi-process tests)."""
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def tiny_overrides(run_dir, inputs, **extra):

@@ -222,16 +222,6 @@ def test_muon_knobs_are_validated(args, message):
 
 
 @pytest.fixture(scope="module")
-def corpus_m(tmp_path_factory):
-    from conftest import LOREM
-
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(6):
-        (d / f"doc{i}.txt").write_text(f"Document {i}. " + LOREM * (3 + i))
-    return d
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus_m):
     """One process, micro-batch 4 x 2 accumulation steps: the global batch of 8 of every run here."""
     run = tmp_path_factory.mktemp("ref") / "run"

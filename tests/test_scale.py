@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LOREM, metrics, run_torchrun, tiny_overrides, write_config
+from conftest import metrics, run_torchrun, tiny_overrides, write_config
 
 from flame.config import load_config
 from flame.errors import CheckpointError, ConfigError
@@ -32,14 +32,6 @@ from flame.trainer import run_training
 
 TOL = 1e-4
 STEPS = 6  # optimizer steps of every run; checkpoints at 3 and 6
-
-
-@pytest.fixture(scope="module")
-def corpus_m(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i in range(6):
-        (d / f"doc{i}.txt").write_text(f"Document {i}. " + LOREM * (3 + i))
-    return d
 
 
 def _overrides(run: Path, corpus: Path, **extra) -> dict:

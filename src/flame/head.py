@@ -182,12 +182,12 @@ def fused_ce(
 
 class HeadCapture:
     """A forward pre-hook on the output head. While `active`, it keeps the head's input and
-    parameters and hands the head an empty slice instead (or, in the probe, `substitute(h)`)."""
+    parameters and hands the head an empty slice instead (the probe, `passthrough`: the input)."""
 
     def __init__(self, head: nn.Linear):
         self.head = head
         self.active = False
-        self.substitute: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.passthrough = False
         self.calls = 0
         self.hidden: torch.Tensor | None = None
         self.weight: torch.Tensor | None = None
@@ -200,8 +200,8 @@ class HeadCapture:
         self.calls += 1
         h = args[0]
         self.hidden, self.weight, self.bias = h, module.weight, module.bias
-        if self.substitute is not None:
-            return (self.substitute(h), *args[1:])
+        if self.passthrough:
+            return None
         return (h.narrow(-2, 0, 0), *args[1:])
 
     def run(self, fn: Callable[[], object]):
@@ -334,7 +334,7 @@ def _probe(model: nn.Module, ops: tuple[Op, ...], accepts: set[str], vocab: int)
         return z
 
     cap = HeadCapture(head)
-    cap.substitute = lambda h: h  # the head runs on the real hidden states; its output is replaced
+    cap.passthrough = True  # the head runs on the real hidden states; its output is replaced
     handle = head.register_forward_hook(synthetic)
     ids = torch.randint(0, max(1, vocab), (1, 8), generator=gen).to(head.weight.device)
     modes = {m: m.training for m in model.modules()}

@@ -136,15 +136,7 @@ class MuonAdamW(torch.optim.Optimizer):
         # the inner optimizers validate and fill in their groups' defaults (in place)
         self._muon = (
             torch.optim.Muon(
-                muon,
-                lr=cfg.muon_lr,
-                weight_decay=cfg.muon_weight_decay,
-                momentum=cfg.muon_momentum,
-                nesterov=cfg.muon_nesterov,
-                ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C),
-                eps=EPS,
-                ns_steps=cfg.muon_ns_steps,
-                adjust_lr_fn=cfg.muon_adjust_lr,
+                muon, ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, **muon_options(cfg)
             )
             if muon
             else None
@@ -208,6 +200,18 @@ class MuonAdamW(torch.optim.Optimizer):
                 p.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
 
 
+def muon_options(cfg: OptimConfig) -> dict:
+    """The Muon groups' settings from the config (at build, and again after a resume)."""
+    return dict(
+        lr=cfg.muon_lr,
+        weight_decay=cfg.muon_weight_decay,
+        momentum=cfg.muon_momentum,
+        nesterov=cfg.muon_nesterov,
+        ns_steps=cfg.muon_ns_steps,
+        adjust_lr_fn=cfg.muon_adjust_lr,
+    )
+
+
 def _is_dtensor(t) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -227,14 +231,7 @@ def apply_config(opt: torch.optim.Optimizer, cfg: OptimConfig) -> list[float]:
     peaks = []
     for g, role in zip(opt.param_groups, group_roles(opt)):
         if role == MUON:
-            g.update(
-                lr=cfg.muon_lr,
-                weight_decay=cfg.muon_weight_decay,
-                momentum=cfg.muon_momentum,
-                nesterov=cfg.muon_nesterov,
-                ns_steps=cfg.muon_ns_steps,
-                adjust_lr_fn=cfg.muon_adjust_lr,
-            )
+            g.update(muon_options(cfg))
         else:
             g.update(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
             if role == DECAY:

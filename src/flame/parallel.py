@@ -318,11 +318,12 @@ def global_sum(local: int, world: World, group=None) -> int:
     return int(t.item())
 
 
-def on_main_rank(world: World, fn):
+def on_main_rank(world: World, fn, share: bool = False):
     """Run `fn` on rank 0 only; when it raises, every rank raises (a FlameError on the others).
 
     The other ranks would otherwise wait in their next collective for a rank that has left.
-    Returns fn's result on rank 0, None elsewhere.
+    Returns fn's result on rank 0, None elsewhere; with `share`, rank 0's result (picklable) on
+    every rank, in the same broadcast.
     """
     result, error = None, None
     if world.is_main:
@@ -337,9 +338,11 @@ def on_main_rank(world: World, fn):
     else:
         failure = (f"{type(error).__name__}: {error}", None)
     if world.distributed:
-        box = [failure]
+        box = [failure, result if share and failure is None else None]
         dist.broadcast_object_list(box, src=0)
         failure = box[0]
+        if share:
+            result = box[1]
     if error is not None:
         raise error
     if failure is not None:

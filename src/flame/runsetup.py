@@ -106,11 +106,9 @@ def build_run_model(cfg: Config, world: World, vocab_size: int, say: Callable[[s
     )
     accepts = forward_params(model)
     # decided on rank 0 (other ranks may hold meta weights) and shared: every rank computes alike
-    verdict = on_main_rank(world, lambda: head_verdict(model, cfg.model.loss, accepts, vocab_size))
-    if world.distributed:
-        box = [verdict]
-        torch.distributed.broadcast_object_list(box, src=0)
-        verdict = box[0]
+    verdict = on_main_rank(
+        world, lambda: head_verdict(model, cfg.model.loss, accepts, vocab_size), share=True
+    )
     return RunModel(
         module=model,
         strategy=strategy,
