@@ -18,7 +18,9 @@ Conventions (the same for the measurement and the formula, so the two compare):
 The formula is 6 x (weights used in matmuls; the input embedding only when it is tied to the
 output projection) + 12 x layers x hidden x context. It is right for dense transformers and
 wrong for state-space models, linear attention and mixtures of experts, which is why a
-measurement is preferred.
+measurement is preferred. Models of fla (flash-linear-attention), whose Triton kernels the
+counter cannot see, get 6 x those weights + 3 x their layers' token mixing, counted per layer from
+each layer's shape (`flame.fla_flops`, which states the same conventions for chunked forms).
 """
 
 from __future__ import annotations
@@ -31,11 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    conv_flop_count,
-    sdpa_flop_count,
-)
+
+from flame.fla_flops import FlaCores, fla_cores
 
 SOURCES = ("user", "model", "measured", "formula")
 
@@ -73,17 +72,19 @@ def matmul_weights(model: nn.Module) -> int:
 
 
 def formula_flops_per_token(model: nn.Module, context_len: int) -> float:
-    """6 x matmul weights used per token + 12 x layers x hidden x context for softmax attention.
+    """6 x matmul weights used per token + 12 x layers x hidden x context for softmax attention
+    + 3 x the forward FLOPs of fla layers' token mixing, counted per layer (`flame.fla_flops`).
 
     A mixture of experts counts its expert weights x (experts per token / experts): the active
-    ones. Models without softmax attention (state-space models, and custom-kernel layers such
-    as fla's linear attention, whose cost grows linearly with the context) get no attention term.
+    ones. Models without softmax attention (state-space models, and custom-kernel layers) get no
+    attention term; of the custom-kernel layers, fla's known ones (GLA, HGRN2, DeltaNet,
+    GatedDeltaNet, RWKV-7, Mamba2, and fla's softmax Attention) get their own count instead.
     """
     cfg = getattr(model, "config", None)
     layers = getattr(cfg, "num_hidden_layers", 0) or 0
     hidden = getattr(cfg, "hidden_size", 0) or 0
     attention = 12.0 * layers * hidden * context_len if _has_softmax_attention(model) else 0.0
-    return 6.0 * active_matmul_weights(model) + attention
+    return 6.0 * active_matmul_weights(model) + attention + 3.0 * fla_cores(model, context_len).forward
 
 
 def _has_softmax_attention(model: nn.Module) -> bool:
@@ -144,6 +145,16 @@ def hidden_kernels(model: nn.Module) -> str | None:
     return None
 
 
+def _uncounted_kernels(model: nn.Module, cores: FlaCores) -> str | None:
+    """Why the formula misses FLOPs of this model's custom kernels, or None: a module of a custom-
+    kernel package other than fla, or an fla module that `flame.fla_flops` does not count."""
+    for m in model.modules():
+        top = type(m).__module__.partition(".")[0]
+        if top in HIDDEN_KERNEL_PACKAGES and top != "fla":
+            return f"{type(m).__name__} comes from {top}, whose kernels the FLOP counter cannot see"
+    return cores.uncounted[0] if cores.uncounted else None
+
+
 def _linear_weights(model: nn.Module) -> int:
     """Weights of the nn.Linear layers (each once, tied ones too): a dense model's forward
     multiplies every token by each of them, so 6x this is a floor for its training FLOPs."""
@@ -178,11 +189,15 @@ def _conv_backward_flop(
     # the input gradient and the weight gradient each cost one forward convolution; torch's own
     # formula multiplies the weight gradient by the full channel product, ignoring groups, which
     # overcounts a depthwise convolution (Mamba's) by the number of channels
+    from torch.utils.flop_counter import conv_flop_count
+
     fwd = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
     return fwd * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def _attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
@@ -191,7 +206,7 @@ def _attention_backward_flop(
 ):
     # two forwards (the gradients of the scores and of the values, then of queries and keys), as
     # the formula counts; torch's own table adds the fused kernels' recomputation of the scores
-    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+    return 2 * _attention_flop(query_shape, key_shape, value_shape)
 
 
 # additions to the counter's table (shapes in, FLOPs out), so that every attention kernel follows
@@ -273,6 +288,10 @@ def _loss_of(out, ids: torch.Tensor) -> torch.Tensor:
 def _count_once(model: nn.Module, context_len: int, guard: _MetaGuard, params: dict | None) -> int:
     ids = torch.zeros(1, context_len, dtype=torch.long, device="meta")
     kw = _forward_kwargs(model, ids)
+    # imported here: torch's flop counter imports Triton, which must not happen before fla_cpu
+    # has had the chance to switch Triton to its interpreter
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with counter, guard:
         if params is None:
@@ -410,7 +429,16 @@ def resolve_flops_per_token(
     if why is None and _is_mixture_of_experts(model):
         why = "a mixture of experts: the formula counts the active experts' weights (experts per token / experts)"
     if why is not None:
-        log(f"FLOPs per token: {formula:.4g} by the formula ({why}{fix})")
+        cores = fla_cores(model, context_len)
+        missing = _uncounted_kernels(model, cores)
+        if cores.layers and missing is None:
+            mixing = 3.0 * cores.forward
+            log(
+                f"FLOPs per token: {formula:.4g} by the formula, fla layers' token mixing counted per "
+                f"layer ({cores.describe()}: {mixing:.4g}, {mixing / formula:.1%} of the total)"
+            )
+            return formula, "formula"
+        log(f"FLOPs per token: {formula:.4g} by the formula ({missing or why}{fix})")
         return formula, "formula"
     try:
         measured, note = measure_flops_per_token(model, context_len, build=build, budget_s=budget_s)

@@ -2,12 +2,18 @@
 
 A transformers model samples through its own `generate()`, with its KV cache (or recurrent state:
 Mamba, RWKV), as long as the text fits the context; past that, and for custom modules, each token
-is the model's forward over the last `context_len` tokens (no cache). Both stop at EOS, which is
+is the model's forward over the last `context_len` tokens (no cache). The cache is trusted only
+after it gave the logits of the forward over the whole text on the prompt itself (`cache_error`):
+a model whose cache is lost between steps (fla 0.6.0's models read `past_key_values`, which
+transformers 5 passes as `cache`) generates without it, and says so. Both stop at EOS, which is
 not part of the output. Greedy output is the same either way (tested); sampled output depends on
 the path (each draws its random numbers in its own order), but is fixed by the seed.
 """
 
 from __future__ import annotations
+
+import sys
+import weakref
 
 import torch
 from torch import nn
@@ -105,6 +111,56 @@ def _with_cache(model, ids, max_new, temperature, top_k, top_p, eos_id, seed, de
     return False
 
 
+# models whose cache was checked, with the verdict (True: the cache can be used)
+_CACHE_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+CACHE_STEPS = 3
+
+
+def cache_error(model: nn.Module, ids: list[int], device) -> float:
+    """The largest difference, relative to the logits' scale, between the logits `generate()`
+    gives token by token from its cache and the model's forward over the whole text (CACHE_STEPS
+    greedy tokens after `ids`)."""
+    x = torch.tensor([ids], device=device)
+    out = model.generate(
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=CACHE_STEPS,
+        min_new_tokens=CACHE_STEPS,
+        do_sample=False,
+        num_beams=1,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    cached = torch.stack(out.logits, 1).float()
+    whole = model(input_ids=out.sequences[:, :-1]).logits[:, len(ids) - 1 :].float()
+    return float((cached - whole).abs().max()) / max(float(whole.abs().max()), 1e-30)
+
+
+def _cache_usable(model: nn.Module, ids: list[int], device) -> bool:
+    if model in _CACHE_CHECKED:
+        return _CACHE_CHECKED[model]
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        err = cache_error(model, ids, device)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    dtype = next(model.parameters()).dtype
+    usable = err <= (1e-3 if dtype == torch.float32 else 2e-2)
+    if not usable:
+        print(
+            f"generate: {type(model).__name__}'s cache gives other logits than its forward over the "
+            f"whole text ({err:.1%} of their scale); generating without the cache (slower, exact)",
+            file=sys.stderr,
+        )
+    _CACHE_CHECKED[model] = usable
+    return usable
+
+
 @torch.no_grad()
 def sample_ids(
     model: nn.Module,
@@ -133,7 +189,13 @@ def sample_ids(
     try:
         stopped = False
         fits = max(0, min(max_new, context_len - len(ids)))  # tokens before the window must slide
-        if use_cache and has_generate(model) and fits > 0 and ids:
+        if (
+            use_cache
+            and has_generate(model)
+            and fits > 0
+            and ids
+            and _cache_usable(model, ids[: max(1, context_len - CACHE_STEPS)], device)
+        ):
             stopped = _with_cache(model, ids, fits, temperature, top_k, top_p, eos_id, seed, device, vocab)
         left = max_new - (len(ids) - start)
         if not stopped and left > 0:

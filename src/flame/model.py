@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flame import fla_cpu
 from flame.config import MODEL_PRESETS, ModelConfig
 from flame.errors import ConfigError
 
@@ -34,7 +35,12 @@ NATIVE = "native"
 Log = Callable[[str], None]
 
 
-def _import_modules(names: list[str]) -> None:
+def _import_modules(names: list[str], say: Log) -> None:
+    if fla_cpu.wanted(names):
+        try:
+            say(fla_cpu.enable())
+        except RuntimeError as e:
+            raise ConfigError(f"model.import_modules: {e}") from None
     for name in names:
         try:
             importlib.import_module(name)
@@ -175,7 +181,7 @@ def build_model(
     receives one-line announcements (vocabulary rows that the tokenizer never uses).
     """
     say = log or (lambda _msg: None)
-    _import_modules(cfg.import_modules)
+    _import_modules(cfg.import_modules, say)
     if cfg.init_from:
         model = _from_pretrained(cfg, tokenizer_vocab, say)
         rebuild = None

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flame import fla_cpu
 from flame.checkpoint import Checkpointer
 from flame.config import Config
 from flame.data.stream import check_resume_layout
@@ -97,6 +98,9 @@ def build_run_model(cfg: Config, world: World, vocab_size: int, say: Callable[[s
     strategy, mode = strategy_of(cfg.parallel, world), init_mode(cfg.parallel)
     with build_context(strategy, world, mode):
         model = build_model(cfg.model, vocab_size, cfg.data.context_len, varlen=cfg.data.varlen, log=say)
+    problem = fla_cpu.bf16_problem(model, autocast_of(cfg, world.device) is not nullcontext)
+    if problem:
+        raise ConfigError(problem)
     hf = getattr(model, "config", None)
     # a mixture of experts' load-balancing loss joins the objective as in the model's own loss
     aux = (
