@@ -64,3 +64,19 @@ def test_a_cache_that_loses_the_state_is_refused_and_the_output_is_exact(capsys)
     # checked once per model: a second call says nothing more
     sample_ids(model, PROMPT, 4, 32, temperature=0)
     assert "cache" not in capsys.readouterr().err
+
+
+def test_bf16_with_fla_s_fused_swiglu_is_refused_in_the_interpreter(monkeypatch):
+    """The refusal itself, without fla in this process: only while Triton's interpreter runs fla."""
+    from types import SimpleNamespace
+
+    from flame import fla_cpu
+
+    fused = SimpleNamespace(config=SimpleNamespace(fuse_swiglu=True))
+    plain = SimpleNamespace(config=SimpleNamespace(fuse_swiglu=False))
+    assert fla_cpu.bf16_problem(fused, True) is None  # the interpreter is not in use
+    monkeypatch.setattr(fla_cpu, "_ENABLED", True)
+    said = fla_cpu.bf16_problem(fused, True)
+    assert said and "fuse_swiglu" in said and "--model.overrides" in said
+    assert fla_cpu.bf16_problem(fused, False) is None
+    assert fla_cpu.bf16_problem(plain, True) is None

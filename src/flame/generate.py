@@ -12,6 +12,7 @@ the path (each draws its random numbers in its own order), but is fixed by the s
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
 
@@ -70,19 +71,29 @@ def _loop(
     return False
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' notes about generation settings given on purpose, silenced for a block."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _with_cache(model, ids, max_new, temperature, top_k, top_p, eos_id, seed, device, vocab=None) -> bool:
     """Append up to `max_new` tokens to `ids` with `model.generate()`; True when EOS ended it."""
     from transformers import GenerationConfig
-    from transformers.utils import logging as hf_logging
 
     sample = temperature > 0
     x = torch.tensor([ids], device=device)
     rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 0
     unused = list(range(vocab, rows)) if vocab is not None and rows > vocab else None
     devices = [device] if torch.device(device).type == "cuda" else []
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no notes about the settings given on purpose
-    try:
+    with _quiet_transformers():
         # every setting given, so nothing comes from the model's own generation_config.json
         config = GenerationConfig(
             max_new_tokens=max_new,
@@ -101,8 +112,6 @@ def _with_cache(model, ids, max_new, temperature, top_k, top_p, eos_id, seed, de
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     new = out[0, len(ids) :].tolist()
     if eos_id is not None and eos_id in new:
         ids.extend(new[: new.index(eos_id)])
@@ -141,14 +150,8 @@ def cache_error(model: nn.Module, ids: list[int], device) -> float:
 def _cache_usable(model: nn.Module, ids: list[int], device) -> bool:
     if model in _CACHE_CHECKED:
         return _CACHE_CHECKED[model]
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with _quiet_transformers():
         err = cache_error(model, ids, device)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     dtype = next(model.parameters()).dtype
     usable = err <= (1e-3 if dtype == torch.float32 else 2e-2)
     if not usable:
